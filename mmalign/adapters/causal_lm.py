@@ -1,0 +1,387 @@
+"""Causal-LM adapter: ``(model, TextBatch) -> Scores`` with a shared prompt pass and chunked log-probs.
+
+How :func:`score_batch` differs from the usual ``[prompt; chosen] + [prompt; rejected]`` forward (TRL):
+
+1. **Prefix sharing.** Prompts are left-padded, so all of them end at column ``P-1``. They run once
+   (``use_cache=True``); the KV cache is then gathered to one row per scored candidate and the ``[N, C]``
+   completions run on top of it with explicit ``position_ids`` (counted over real tokens, so left pads do not
+   shift RoPE) and a ``[prompt_mask; completion_mask]`` attention mask. The result equals the concatenated
+   forward; the prompt is encoded once instead of K times, and gradients flow through both passes.
+2. **Chunked log-probs.** Only completion positions need logits. Their hidden states are gathered and pushed
+   through ``lm_head`` -> ``logsumexp``/``gather`` in chunks of ``chunk_size`` rows, each chunk under
+   ``torch.utils.checkpoint``, so neither forward nor backward ever holds more than one ``[chunk, V]`` block.
+3. **Padding candidates are skipped** (``candidate_mask`` False): they never reach the model and score 0.
+
+Fallback: when the model cannot return a KV cache, or activation checkpointing is on while training (HF then
+drops the cache inside each layer), the adapter runs the concatenated ``[N, P+C]`` sequences instead, still
+with chunked log-probs. Results are identical; only the prompt is recomputed per candidate.
+
+Not supported yet: prompt-learning PEFT (prefix/prompt tuning), extra model inputs (pixel values for VLMs),
+FSDP full-shard (the decoder and ``lm_head`` are called directly, bypassing the root FSDP unit; DeepSpeed
+ZeRO-3 works because its gathering hooks sit on every submodule). Under DDP, call this inside the forward of
+the wrapped module so that the reducer sees the pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from mmalign.adapters.base import Scores, TextBatch
+
+
+@dataclass
+class _Parts:
+    """The pieces of a (possibly wrapped) causal LM that the adapter calls directly."""
+
+    lm: nn.Module  # the transformers causal LM; LoRA layers, if any, are injected inside it
+    decoder: nn.Module
+    lm_head: nn.Module
+    logit_transform: Callable[[Tensor], Tensor] | None
+    v_head: nn.Module | None
+    peft: nn.Module | None  # the PeftModel, for disable_adapter()
+
+
+def unwrap_causal_lm(model: nn.Module) -> _Parts:
+    """Reach the decoder, ``lm_head`` and optional value head through DDP, ValueHeadModel and PEFT wrappers.
+
+    PEFT's LoRA injects its layers into the base model in place, so calling the base model's submodules
+    applies the adapter, and ``with peft_model.disable_adapter():`` turns it off for them too.
+    """
+    v_head = peft = None
+    while True:  # DDP / accelerate wrappers, then torch.compile's OptimizedModule
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            break
+    if hasattr(model, "v_head") and hasattr(model, "base"):  # mmalign.models.text.ValueHeadModel
+        v_head, model = model.v_head, model.base
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+        active = model.peft_config[model.active_adapter]
+        if getattr(active, "is_prompt_learning", False):
+            raise NotImplementedError(
+                f"causal_lm adapter: PEFT method {active.peft_type} (prompt learning) adds virtual "
+                "tokens the adapter cannot see; use LoRA-style adapters (mmalign.models.text.apply_lora)"
+            )
+        peft, model = model, model.get_base_model()
+    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+        raise TypeError(
+            f"causal_lm adapter: {type(model).__name__} has no lm_head (get_output_embeddings is None)"
+        )
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    return _Parts(model, decoder, model.get_output_embeddings(), _logit_transform(model.config), v_head, peft)
+
+
+def _logit_transform(config) -> Callable[[Tensor], Tensor] | None:
+    """The post-``lm_head`` step some families apply in their forward, replayed on each chunk."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
+    scale = getattr(config, "logit_scale", None)  # Cohere multiplies
+    divide = getattr(config, "logits_scaling", None)  # Granite divides
+    if not (cap or scale or divide):
+        return None
+
+    def transform(logits: Tensor) -> Tensor:
+        if scale:
+            logits = logits * scale
+        if divide:
+            logits = logits / divide
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return transform
+
+
+def score_batch(
+    model: nn.Module,
+    batch: TextBatch,
+    *,
+    share_prompt: bool = True,
+    chunk_size: int = 1024,
+    return_token_logps: bool = True,
+    compute_values: bool = False,
+) -> Scores:
+    """Score every candidate completion of ``batch`` under ``model``.
+
+    Args:
+        model: a transformers causal LM, a ``peft.PeftModel`` over one, or a ``ValueHeadModel``.
+        batch: prompts left-padded ``[B, P]``, completions right-padded ``[B, K, C]``.
+        share_prompt: encode each prompt once and reuse its KV cache for all K candidates.
+        chunk_size: most completion positions pushed through ``lm_head`` at once.
+        return_token_logps: also return ``token_logps`` ``[B, K, C]``.
+        compute_values: value-head output at the last scored token (needs a ``ValueHeadModel``).
+
+    Returns:
+        :class:`Scores` with ``logps`` ``[B, K]`` (summed completion log-probs, fp32), ``token_logps`` and
+        ``token_mask`` ``[B, K, C]``, ``lengths`` ``[B, K]``, and ``values`` ``[B, K]`` if asked. Padding
+        candidates score exactly 0.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"score_batch: chunk_size={chunk_size} must be >= 1 (typical: 512-4096)")
+    parts = unwrap_causal_lm(model)
+    if compute_values and parts.v_head is None:
+        raise ValueError(
+            f"score_batch: compute_values=True needs a model with a value head, got {type(model).__name__}; "
+            "load it with mmalign.models.text.load_causal_lm(..., value_head=True)"
+        )
+    rows, ex_idx, token_mask = _validate_and_select(batch)
+    B, K, C = batch.completion_ids.shape
+    device = batch.completion_ids.device
+    flat_tokens = torch.zeros(B * K, C, dtype=torch.float32, device=device)
+    values = torch.zeros(B * K, dtype=torch.float32, device=device) if compute_values else None
+    if rows.numel() > 0:
+        states, comp_ids, comp_mask = _candidate_states(parts, batch, rows, ex_idx, share_prompt)
+        sel_mask = comp_mask.bool()
+        picked = _chunked_target_logps(
+            states[:, :-1][sel_mask], comp_ids[sel_mask], parts.lm_head, parts.logit_transform, chunk_size
+        )
+        row_tokens = torch.zeros(comp_ids.shape, dtype=torch.float32, device=device)
+        row_tokens = row_tokens.masked_scatter(sel_mask, picked)
+        flat_tokens = flat_tokens.index_copy(0, rows, F.pad(row_tokens, (0, C - row_tokens.shape[1])))
+        if values is not None:
+            # states[:, j] has seen j completion tokens, so index by length = after the last scored token.
+            last = states[torch.arange(states.shape[0], device=device), sel_mask.sum(-1)]
+            row_values = parts.v_head(last.to(parts.v_head.weight.dtype)).squeeze(-1).float()
+            values = values.index_copy(0, rows, row_values)
+    token_logps = flat_tokens.view(B, K, C)
+    return Scores(
+        logps=token_logps.sum(-1),
+        token_logps=token_logps if return_token_logps else None,
+        token_mask=token_mask,
+        lengths=token_mask.sum(-1),
+        values=None if values is None else values.view(B, K),
+    )
+
+
+def _validate_and_select(batch: TextBatch) -> tuple[Tensor, Tensor, Tensor]:
+    """Check the padding layout the prefix trick relies on; return the scored rows of the flattened
+    ``[B*K]`` candidates, their example index, and the ``[B, K, C]`` bool token mask."""
+    B, P = batch.prompt_ids.shape
+    if batch.completion_ids.dim() != 3 or batch.completion_ids.shape[0] != B:
+        raise ValueError(
+            f"TextBatch: completion_ids must be [B={B}, K, C], got {tuple(batch.completion_ids.shape)}; "
+            "collate completions as a [B, K, C] tensor (K=1 for unpaired rows)"
+        )
+    B, K, C = batch.completion_ids.shape
+    if tuple(batch.prompt_mask.shape) != (B, P) or tuple(batch.completion_mask.shape) != (B, K, C):
+        raise ValueError(
+            f"TextBatch: prompt_mask {tuple(batch.prompt_mask.shape)} / completion_mask "
+            f"{tuple(batch.completion_mask.shape)} must match prompt_ids {(B, P)} / "
+            f"completion_ids {(B, K, C)}"
+        )
+    prompt_mask = batch.prompt_mask.bool()
+    bad = (prompt_mask[:, :-1] & ~prompt_mask[:, 1:]).any(-1)
+    if bad.any():
+        raise ValueError(
+            f"TextBatch: prompt_mask of example {int(bad.nonzero()[0])} is not left-padded (a pad follows a "
+            "real token); build prompts with tokenizer.padding_side='left'"
+        )
+    cand = torch.ones(B, K, dtype=torch.bool, device=batch.completion_mask.device)
+    if batch.candidate_mask is not None:
+        if tuple(batch.candidate_mask.shape) != (B, K):
+            raise ValueError(
+                f"TextBatch: candidate_mask has shape {tuple(batch.candidate_mask.shape)}, expected [B, K] = "
+                f"{[B, K]} (one flag per candidate)"
+            )
+        cand = batch.candidate_mask.bool()
+    comp_mask = batch.completion_mask.bool()
+    # Padding candidates are never run, so whatever the collator left in their masks is fine.
+    bad = (~comp_mask[..., :-1] & comp_mask[..., 1:]).any(-1).flatten() & cand.flatten()
+    if bad.any():
+        row = int(bad.nonzero()[0])
+        raise ValueError(
+            f"TextBatch: completion_mask of example {row // K}, candidate {row % K} is not right-padded; "
+            "completions must be contiguous real tokens followed by padding"
+        )
+    empty = cand.any(-1) & ~prompt_mask.any(-1)
+    if empty.any():
+        raise ValueError(
+            f"TextBatch: example {int(empty.nonzero()[0])} has an empty prompt, so its first completion "
+            "token has nothing to be predicted from; start prompts with the tokenizer's BOS token"
+        )
+    token_mask = comp_mask & cand[..., None]
+    rows = cand.flatten().nonzero().squeeze(-1)
+    return rows, torch.div(rows, K, rounding_mode="floor"), token_mask
+
+
+def _candidate_states(
+    parts: _Parts, batch: TextBatch, rows: Tensor, ex_idx: Tensor, share_prompt: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Final hidden states of the selected candidates.
+
+    Returns ``states`` ``[N, C'+1, H]`` where ``states[:, j]`` has read the prompt and the first j completion
+    tokens (so it predicts completion token j), plus the candidates' ids and mask ``[N, C']``, with ``C'``
+    trimmed to the longest selected completion.
+    """
+    prompt_mask = batch.prompt_mask.long()
+    keep = prompt_mask.any(0).nonzero()
+    first = int(keep[0]) if keep.numel() else 0  # drop columns that are padding for every prompt
+    prompt_ids, prompt_mask = batch.prompt_ids[:, first:], prompt_mask[:, first:]
+    comp_mask = batch.completion_mask.flatten(0, 1)[rows].long()
+    width = max(int(comp_mask.sum(-1).max()), 1)
+    comp_ids, comp_mask = batch.completion_ids.flatten(0, 1)[rows, :width], comp_mask[:, :width]
+    prompt_pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    prompt_len = prompt_mask.sum(-1)
+    comp_pos = prompt_len[ex_idx, None] + torch.arange(width, device=comp_ids.device)
+
+    if share_prompt and not _cache_disabled(parts):
+        out = parts.decoder(
+            input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_pos, use_cache=True
+        )
+        cache = getattr(out, "past_key_values", None)
+        if cache is not None and hasattr(cache, "batch_select_indices") and cache.get_seq_length() > 0:
+            prompt_last = out.last_hidden_state[:, -1]
+            identity = torch.arange(prompt_ids.shape[0], device=ex_idx.device)
+            if ex_idx.shape != identity.shape or not torch.equal(ex_idx, identity):
+                cache.batch_select_indices(ex_idx)  # one cache row per candidate; gather keeps the graph
+            out = parts.decoder(
+                input_ids=comp_ids,
+                attention_mask=torch.cat([prompt_mask[ex_idx], comp_mask], dim=1),
+                position_ids=comp_pos,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            return torch.cat([prompt_last[ex_idx, None], out.last_hidden_state], dim=1), comp_ids, comp_mask
+    # Concatenated path: [left-padded prompt ; right-padded completion] per candidate.
+    P = prompt_ids.shape[1]
+    out = parts.decoder(
+        input_ids=torch.cat([prompt_ids[ex_idx], comp_ids], dim=1),
+        attention_mask=torch.cat([prompt_mask[ex_idx], comp_mask], dim=1),
+        position_ids=torch.cat([prompt_pos[ex_idx], comp_pos], dim=1),
+        use_cache=False,
+    )
+    return out.last_hidden_state[:, P - 1 :], comp_ids, comp_mask
+
+
+def _cache_disabled(parts: _Parts) -> bool:
+    """True when HF would drop ``past_key_values`` inside the layers (activation checkpointing while
+    training)."""
+    return parts.decoder.training and any(
+        getattr(m, "gradient_checkpointing", False) for m in parts.decoder.modules()
+    )
+
+
+def _target_logps(hidden: Tensor, targets: Tensor, lm_head: nn.Module, transform) -> Tensor:
+    logits = _logits(hidden, lm_head, transform)
+    # gather - logsumexp keeps one [rows, V] tensor alive in the forward where log_softmax would keep two.
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def _logits(hidden: Tensor, lm_head: nn.Module, transform) -> Tensor:
+    logits = lm_head(hidden).float()
+    return logits if transform is None else transform(logits)
+
+
+def _chunked_target_logps(
+    hidden: Tensor, targets: Tensor, lm_head: nn.Module, transform, chunk_size: int
+) -> Tensor:
+    """``log p(target | hidden)`` for ``[M, H]`` states, at most ``chunk_size`` rows of logits at a time."""
+    return _chunked(
+        lambda h, t: _target_logps(h, t, lm_head, transform), (hidden, targets), lm_head, chunk_size
+    )
+
+
+def _chunked(
+    fn: Callable[..., Tensor], tensors: tuple[Tensor, ...], lm_head: nn.Module, chunk_size: int
+) -> Tensor:
+    """Apply ``fn`` to row chunks of ``tensors``; under autograd each chunk is checkpointed, so backward
+    recomputes that chunk's logits instead of keeping every chunk's ``[chunk, V]`` block alive."""
+    rows = tensors[0].shape[0]
+    if rows == 0:
+        return tensors[0].new_zeros(0, dtype=torch.float32)
+    recompute = torch.is_grad_enabled() and (
+        tensors[0].requires_grad or any(p.requires_grad for p in lm_head.parameters())
+    )
+    outs = []
+    for start in range(0, rows, chunk_size):
+        chunk = tuple(t[start : start + chunk_size] for t in tensors)
+        outs.append(checkpoint(fn, *chunk, use_reentrant=False) if recompute else fn(*chunk))
+    return torch.cat(outs)
+
+
+def token_kl_chunked(
+    policy_model: nn.Module,
+    ref_model: nn.Module | None,
+    batch: TextBatch,
+    *,
+    share_prompt: bool = True,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """Per-token ``KL(pi || pi_ref)`` over the full vocabulary at every scored completion position.
+
+    Returns ``[B, K, C]`` fp32, 0 where ``token_mask`` is False; differentiable w.r.t. the policy only.
+    ``ref_model=None`` means "the policy with its PEFT adapter disabled" (no second copy in memory). Both
+    models' logits are formed chunk by chunk, so at most two ``[chunk_size, V]`` blocks exist at once.
+    """
+    parts = unwrap_causal_lm(policy_model)
+    if ref_model is None and parts.peft is None:
+        raise ValueError(
+            f"token_kl_chunked: ref_model=None needs a PEFT policy (the reference is its adapter "
+            f"disabled), got {type(policy_model).__name__}; pass a frozen reference model"
+        )
+    ref_parts = parts if ref_model is None else unwrap_causal_lm(ref_model)
+    # Entering disable_adapter for the reference only, also inside backward's recomputation of a chunk.
+    ref_ctx = parts.peft.disable_adapter if ref_model is None else contextlib.nullcontext
+    rows, ex_idx, token_mask = _validate_and_select(batch)
+    B, K, C = batch.completion_ids.shape
+    flat = torch.zeros(B * K, C, dtype=torch.float32, device=batch.completion_ids.device)
+    if rows.numel() > 0:
+        states, _, comp_mask = _candidate_states(parts, batch, rows, ex_idx, share_prompt)
+        with torch.no_grad(), ref_ctx():
+            ref_states = _candidate_states(ref_parts, batch, rows, ex_idx, share_prompt)[0]
+        sel = comp_mask.bool()
+
+        def chunk_kl(h: Tensor, ref_h: Tensor) -> Tensor:
+            logps = _logits(h, parts.lm_head, parts.logit_transform).log_softmax(-1)
+            with torch.no_grad(), ref_ctx():
+                ref_logps = _logits(ref_h, ref_parts.lm_head, ref_parts.logit_transform).log_softmax(-1)
+            return (logps.exp() * (logps - ref_logps)).sum(-1)
+
+        kl = _chunked(chunk_kl, (states[:, :-1][sel], ref_states[:, :-1][sel]), parts.lm_head, chunk_size)
+        row_kl = torch.zeros(sel.shape, dtype=torch.float32, device=flat.device).masked_scatter(sel, kl)
+        flat = flat.index_copy(0, rows, F.pad(row_kl, (0, C - row_kl.shape[1])))
+    return flat.view(B, K, C)
+
+
+def score_batch_naive(model: nn.Module, batch: TextBatch) -> Scores:
+    """Reference implementation for tests: one flush-left ``[prompt; completion]`` sequence per candidate,
+    the model's own forward (full ``[N, T, V]`` logits), ``log_softmax``, ``gather``. Slow, plainly right."""
+    parts = unwrap_causal_lm(model)
+    rows, ex_idx, token_mask = _validate_and_select(batch)
+    B, K, C = batch.completion_ids.shape
+    device = batch.completion_ids.device
+    flat = torch.zeros(B * K, C, dtype=torch.float32, device=device)
+    if rows.numel() == 0:
+        return Scores(logps=flat.view(B, K, C).sum(-1), token_logps=flat.view(B, K, C), token_mask=token_mask)
+    seqs, spans = [], []
+    comp_ids, comp_mask = batch.completion_ids.flatten(0, 1), batch.completion_mask.flatten(0, 1).bool()
+    for row, ex in zip(rows.tolist(), ex_idx.tolist(), strict=True):
+        prompt = batch.prompt_ids[ex][batch.prompt_mask[ex].bool()]
+        completion = comp_ids[row][comp_mask[row]]
+        seqs.append(torch.cat([prompt, completion]))
+        spans.append((len(prompt), len(completion)))
+    length = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), length, dtype=torch.long, device=device)
+    attn = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)], attn[i, : len(s)] = s, 1
+    logits = parts.lm(input_ids=ids, attention_mask=attn).logits.float()
+    logps = logits.log_softmax(-1)
+    per_row = []
+    for i, (p, c) in enumerate(spans):
+        picked = logps[i, p - 1 : p - 1 + c].gather(-1, ids[i, p : p + c, None]).squeeze(-1)
+        per_row.append(F.pad(picked, (0, C - c)))
+    flat = flat.index_copy(0, rows, torch.stack(per_row))
+    token_logps = flat.view(B, K, C)
+    return Scores(
+        logps=token_logps.sum(-1), token_logps=token_logps, token_mask=token_mask, lengths=token_mask.sum(-1)
+    )

@@ -1,0 +1,47 @@
+"""The Python API, mirrored by the CLI: ``mmalign.train(config_or_path, overrides, **extra)``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import dump_yaml, load_config
+from .schema import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def load_train_config(config: str | Path | Mapping | TrainConfig | None = None, overrides: Sequence[str] = (),
+                      extra: Mapping[str, Any] | None = None) -> TrainConfig:
+    """Defaults ← YAML file (or mapping) ← ``key=value`` overrides ← ``extra`` (dotted keys → values)."""
+    if isinstance(config, TrainConfig):
+        from .config import to_dict
+
+        config = to_dict(config)
+    return load_config(TrainConfig, config, overrides=list(overrides), extra=dict(extra or {}))
+
+
+def build_task(cfg: TrainConfig):
+    """The recipe for the configured modality (an explicit table, one entry per recipe family)."""
+    if cfg.modality == "text":
+        from .methods.text import TextTask
+
+        return TextTask(cfg)
+    raise ValueError(f"modality={cfg.modality!r} is not one of ['text']")
+
+
+def train(config: str | Path | Mapping | TrainConfig | None = None, overrides: Sequence[str] = (), *,
+          task=None, **extra: Any) -> dict:
+    """Train from a config; returns the run summary (steps, final metrics, eval metrics, output paths).
+
+    ``extra`` takes dotted keys with ``__`` for dots, e.g. ``train(cfg, run__max_steps=10)``.
+    """
+    cfg = load_train_config(config, overrides, {k.replace("__", "."): v for k, v in extra.items()})
+    out = Path(cfg.run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_yaml(cfg, out / "config.yaml", header="resolved config of this run (mmalign train reads it back)")
+    from .train.loop import fit
+
+    return fit(task or build_task(cfg), cfg)

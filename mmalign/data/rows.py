@@ -1,0 +1,579 @@
+"""Preference rows: read them from files, then validate them into typed records.
+
+Two steps, kept apart so that every error says what is wrong and where:
+
+1. :func:`load_rows` reads ``.jsonl`` / ``.json`` / ``.parquet`` files, a local HF ``datasets`` directory
+   (``save_to_disk`` of a ``Dataset`` or ``DatasetDict``), a directory of such files, or a list of any of
+   these. Each row comes back as ``(file, row_number, dict)``; numbers are 1-based (``.jsonl``: line numbers).
+2. :func:`parse_rows` detects the format and turns each row into a :class:`PairRow`, :class:`UnpairedRow`,
+   :class:`RankedRow` or :class:`SFTRow`. Columns it does not consume (``difficulty``, ``source``, ``margin``,
+   ``weight``, ...) are kept in ``meta``.
+
+Formats, detected from each row's keys (the most common format wins; rows of another format are errors):
+
+=========  =================================  ================================================================
+format     keys                               notes
+=========  =================================  ================================================================
+pairs      prompt, chosen, rejected           ``prompt`` may be left out when chosen/rejected are
+                                              conversations sharing their first turns (TRL's implicit prompt)
+unpaired   prompt, completion, label          ``label``: bool, 0/1, or "true"/"false"/"yes"/"no"/"1"/"0"
+ranked     prompt, completions, ranking       ``ranking[i]`` is the rank of ``completions[i]``, 0 = best (a
+                                              permutation of 0..K-1); or ``scores``, higher = better
+sft        prompt, completion | text |        ``text``: the prompt is empty; ``messages``: split before the
+           messages                           last assistant turn
+=========  =================================  ================================================================
+
+Text fields are plain strings or conversations: lists of ``{"role": str, "content": str}`` messages (TRL's
+conversational format). A row uses one kind for all of its text fields.
+
+Bad rows raise one :class:`DataError` listing up to 10 of them (file, row, field, value, fix); with
+``skip_bad_rows=True`` they are dropped and counted per reason instead, for the training logs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+Message = dict[str, str]
+Text = Union[str, list[Message]]  # noqa: UP007 -- runtime alias, must also work on 3.10 without `|` on generics
+Origin = tuple[str, int]  # (file, 1-based row number)
+
+FORMATS = ("pairs", "unpaired", "ranked", "sft")
+MAX_REPORTED = 10
+SKIP_HINT = "or pass skip_bad_rows=True to skip bad rows and count them in the logs"
+NUMERIC_META = ("margin", "weight")  # the collator turns these columns into tensors, so they must be numbers
+_TRUE, _FALSE = {"true", "yes", "1"}, {"false", "no", "0"}
+_DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+# Keys that identify a format; a row holding keys of two formats takes the first match.
+_SIGNATURES = {
+    "pairs": ("chosen", "rejected"),
+    "ranked": ("completions", "ranking"),
+    "unpaired": ("label",),
+    "sft": ("completion", "text", "messages"),
+}
+_CONSUMED = {
+    "pairs": {"prompt", "chosen", "rejected"},
+    "unpaired": {"prompt", "completion", "label"},
+    "ranked": {"prompt", "completions", "ranking"},
+    "sft": {"prompt", "completion", "text", "messages"},
+}
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    """Why one row was rejected; ``reason`` is the counter key used when bad rows are skipped."""
+
+    file: str
+    row: int
+    reason: str
+    field: str
+    value: Any
+    message: str
+    fix: str
+
+    def __str__(self) -> str:
+        return (f"{self.file}:{self.row}: field {self.field!r} {self.message} "
+                f"(value: {short_repr(self.value)}); fix: {self.fix}")
+
+
+class DataError(ValueError):
+    """A data file or row that cannot be used; the message names the file, the row and the fix.
+
+    ``problems`` holds the reported :class:`RowProblem` s (empty for whole-file errors).
+    """
+
+    def __init__(self, message: str, problems: Sequence[RowProblem] = ()):
+        super().__init__(message)
+        self.problems = list(problems)
+
+    @classmethod
+    def from_problems(cls, problems: Sequence[RowProblem]) -> DataError:
+        shown = list(problems[:MAX_REPORTED])
+        head = f"{len(problems)} bad row{'s' if len(problems) != 1 else ''}"
+        if len(problems) > len(shown):
+            head += f" (the first {len(shown)} shown)"
+        return cls("\n".join([f"{head}; fix them, {SKIP_HINT}:"] + [f"  - {p}" for p in shown]), shown)
+
+
+class _Bad(Exception):
+    """Raised by the row validators; :func:`parse_rows` adds the row's origin to make a RowProblem."""
+
+    def __init__(self, reason: str, field: str, value: Any, message: str, fix: str):
+        super().__init__(message)
+        self.details = (reason, field, value, message, fix)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Records. All four expose `candidates` (the K completions) and `labels` (one float per candidate), which is
+# all the text encoder needs to know about the format.
+
+
+class _RecordView:
+    prompt: Text
+
+    @property
+    def candidates(self) -> list[Text]:
+        raise NotImplementedError
+
+    @property
+    def is_conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
+@dataclass
+class PairRow(_RecordView):
+    """A preference pair: candidate 0 is ``chosen``, 1 is ``rejected``; labels are their ranks ``[0, 1]``."""
+
+    prompt: Text
+    chosen: Text
+    rejected: Text
+    meta: dict[str, Any] = field(default_factory=dict)
+    origin: Origin = ("<memory>", 0)
+
+    @property
+    def candidates(self) -> list[Text]:
+        return [self.chosen, self.rejected]
+
+    @property
+    def labels(self) -> list[float]:
+        return [0.0, 1.0]
+
+
+@dataclass
+class UnpairedRow(_RecordView):
+    """One completion with a desirability label (KTO/BCO); label 1.0 = desirable, 0.0 = undesirable."""
+
+    prompt: Text
+    completion: Text
+    label: bool
+    meta: dict[str, Any] = field(default_factory=dict)
+    origin: Origin = ("<memory>", 0)
+
+    @property
+    def candidates(self) -> list[Text]:
+        return [self.completion]
+
+    @property
+    def labels(self) -> list[float]:
+        return [1.0 if self.label else 0.0]
+
+
+@dataclass
+class RankedRow(_RecordView):
+    """K >= 2 completions; ``ranking[i]`` is the rank of ``completions[i]`` (0 = best), a permutation.
+
+    Labels are these ranks, matching ``TextBatch.labels`` ("ranking position, 0 = best").
+    """
+
+    prompt: Text
+    completions: list[Text]
+    ranking: list[int]
+    meta: dict[str, Any] = field(default_factory=dict)
+    origin: Origin = ("<memory>", 0)
+
+    @property
+    def candidates(self) -> list[Text]:
+        return list(self.completions)
+
+    @property
+    def labels(self) -> list[float]:
+        return [float(r) for r in self.ranking]
+
+
+@dataclass
+class SFTRow(_RecordView):
+    """A demonstration: one completion and no preference label (label NaN)."""
+
+    prompt: Text
+    completion: Text
+    meta: dict[str, Any] = field(default_factory=dict)
+    origin: Origin = ("<memory>", 0)
+
+    @property
+    def candidates(self) -> list[Text]:
+        return [self.completion]
+
+    @property
+    def labels(self) -> list[float]:
+        return [float("nan")]
+
+
+Record = Union[PairRow, UnpairedRow, RankedRow, SFTRow]  # noqa: UP007
+
+
+@dataclass
+class ParsedRows:
+    """What :func:`parse_rows` returns: the valid records, skipped-row counts per reason, the format used."""
+
+    records: list[Record]
+    skipped: Counter
+    format: str
+    rows_read: int
+
+
+# --------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_rows(source: str | Path | Sequence[str | Path], *, split: str = "train", limit: int | None = None,
+              skip_bad_rows: bool = False, skipped: Counter | None = None) -> list[tuple[str, int, dict]]:
+    """Read rows from files or HF dataset directories, each as ``(file, row_number, dict)``.
+
+    Args:
+        source: a path or a list of paths: ``.jsonl`` (``.ndjson``), ``.json`` (a list of objects or
+            ``{"data": [...]}``), ``.parquet``, a ``save_to_disk`` directory, or a directory of data files.
+        split: the split to read from a saved ``DatasetDict``.
+        limit: stop after this many rows in total.
+        skip_bad_rows: skip unparsable ``.jsonl`` lines and non-object rows, counting them in ``skipped``
+            (``invalid_json`` / ``not_an_object``). A missing or unreadable file always raises.
+
+    Raises:
+        DataError: naming the file (and line) and the fix.
+    """
+    sources = [source] if isinstance(source, (str, Path)) else list(source)
+    if not sources:
+        raise DataError("no data sources given; fix: pass a file or directory path (or a list of them)")
+    skipped = Counter() if skipped is None else skipped
+    out: list[tuple[str, int, dict]] = []
+    for src in sources:
+        for path in _expand(Path(src)):
+            left = None if limit is None else limit - len(out)
+            out.extend(_read_one(path, split, skip_bad_rows, skipped, left))
+            if limit is not None and len(out) >= limit:
+                return out
+    return out
+
+
+def _expand(path: Path) -> list[Path]:
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory; fix: check the path (relative to {Path.cwd()})")
+    if path.is_file() or _is_hf_dir(path):
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.is_file() and _suffix(p) in _DATA_SUFFIXES)
+    if not files:
+        raise DataError(f"{path}: directory holds no .jsonl/.json/.parquet files and is not a saved HF "
+                        "dataset; fix: point to a data file or a directory written by Dataset.save_to_disk")
+    return files
+
+
+def _suffix(path: Path) -> str:
+    return ".jsonl" if path.suffix.lower() == ".ndjson" else path.suffix.lower()
+
+
+def _is_hf_dir(path: Path) -> bool:
+    if not path.is_dir():
+        return False
+    return (path / "dataset_dict.json").exists() or (path / "state.json").exists()
+
+
+def _read_one(path: Path, split: str, skip: bool, skipped: Counter, limit: int | None) -> list:
+    if path.is_dir():
+        return _read_hf_dir(path, split, limit)
+    suffix = _suffix(path)
+    if suffix == ".jsonl":
+        return _read_jsonl(path, skip, skipped, limit)
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            where = f":{e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+            hint = " (one JSON object per line? then name the file .jsonl)" if "Extra data" in str(e) else ""
+            raise DataError(f"{path}{where}: invalid JSON: {e}; fix: repair the file{hint}") from e
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a list of row objects or {{\"data\": [...]}}, got a "
+                            f"{type(data).__name__}; fix: put the rows in a JSON list")
+        rows = data
+    elif suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+
+            rows = pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... on corrupt files
+            raise DataError(f"{path}: cannot read parquet file: {e}; fix: re-export the file") from e
+    else:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; fix: use .jsonl, .json, .parquet "
+                        "or a directory written by Dataset.save_to_disk")
+    out = []
+    for i, row in enumerate(rows, start=1):
+        if limit is not None and len(out) >= limit:
+            break
+        if _keep_object(row, f"{path}:{i}: row {i}", skip, skipped):
+            out.append((str(path), i, row))
+    return out
+
+
+def _keep_object(row: Any, where: str, skip: bool, skipped: Counter) -> bool:
+    if isinstance(row, dict):
+        return True
+    if skip:
+        skipped["not_an_object"] += 1
+        return False
+    raise DataError(f"{where} is a {type(row).__name__} ({short_repr(row)}), not an object; fix: make every "
+                    f"row a JSON object with named fields, {SKIP_HINT}")
+
+
+def _read_jsonl(path: Path, skip: bool, skipped: Counter, limit: int | None) -> list:
+    out = []
+    with path.open("rb") as f:  # bytes, so that a bad encoding is reported with its line number too
+        for lineno, raw in enumerate(f, start=1):
+            if limit is not None and len(out) >= limit:
+                break
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                if skip:
+                    skipped["invalid_json"] += 1
+                    continue
+                raise DataError(f"{path}:{lineno}: invalid JSON on line {lineno}: {e} "
+                                f"(line: {short_repr(raw)}); fix: make each line one JSON object, "
+                                f"{SKIP_HINT}") from e
+            if _keep_object(row, f"{path}:{lineno}: line {lineno}", skip, skipped):
+                out.append((str(path), lineno, row))
+    return out
+
+
+def _read_hf_dir(path: Path, split: str, limit: int | None) -> list:
+    import datasets  # heavy; imported only when a dataset directory is read
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise DataError(f"{path}: cannot load the saved HF dataset: {e}; "
+                        "fix: save it again with save_to_disk") from e
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{path}: no split {split!r} in this DatasetDict; "
+                            f"fix: pass split= one of {sorted(ds)}")
+        ds = ds[split]
+    n = len(ds) if limit is None else min(limit, len(ds))
+    return [(str(path), i + 1, row) for i, row in enumerate(ds.select(range(n)))]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Parsing and validation
+
+
+def parse_rows(rows: Iterable[tuple[str, int, Mapping] | Mapping], *, format: str = "auto",
+               skip_bad_rows: bool = False) -> ParsedRows:
+    """Validate rows into typed records.
+
+    Args:
+        rows: ``(file, row_number, dict)`` triples from :func:`load_rows`, or bare dicts (named ``<rows>:i``).
+        format: ``"auto"`` (detected from the keys; the most common format wins) or one of :data:`FORMATS`.
+        skip_bad_rows: drop bad rows and count them per reason in ``ParsedRows.skipped`` instead of raising.
+
+    Raises:
+        DataError: listing the first 10 bad rows (file, row, field, value, fix) and how many there were.
+    """
+    if format not in ("auto", *FORMATS):
+        raise ValueError(f"format={format!r} is not one of {['auto', *FORMATS]}")
+    tagged = [r if isinstance(r, tuple) else ("<rows>", i, r) for i, r in enumerate(rows, start=1)]
+    detected = [_detect(row) for _, _, row in tagged]
+    fmt = format
+    if fmt == "auto":
+        counts = Counter(d for d in detected if d is not None)
+        if not counts and tagged:
+            file, row_no, row = tagged[0]
+            raise DataError(f"{file}:{row_no}: cannot tell the data format from the keys {sorted(row)}; "
+                            "fix: name the columns prompt/chosen/rejected (pairs), prompt/completion/label "
+                            "(unpaired), prompt/completions/ranking (ranked) or prompt/completion, text or "
+                            "messages (sft), or pass format= explicitly")
+        fmt = counts.most_common(1)[0][0] if counts else format
+
+    records: list[Record] = []
+    skipped: Counter = Counter()
+    problems: list[RowProblem] = []
+    for (file, row_no, row), det in zip(tagged, detected, strict=True):
+        try:
+            # sft keys are a subset of the unpaired ones: such a row is an unpaired row missing its label.
+            if det is not None and det != fmt and not (det == "sft" and fmt == "unpaired"):
+                key = next(k for k in _SIGNATURES[det] if row.get(k) is not None)
+                raise _Bad("mixed_formats", key, sorted(row), f"makes this row {det!r} format, but the data "
+                           f"is {fmt!r}", f"keep one format per dataset (keys {sorted(_CONSUMED[fmt])})")
+            records.append(_PARSERS[fmt](row, (file, row_no)))
+        except _Bad as bad:
+            problem = RowProblem(file, row_no, *bad.details)
+            if skip_bad_rows:
+                skipped[problem.reason] += 1
+            else:
+                problems.append(problem)
+    if problems:
+        raise DataError.from_problems(problems)
+    return ParsedRows(records, skipped, fmt, len(tagged))
+
+
+def _detect(row: Mapping) -> str | None:
+    # None counts as absent: HF datasets and parquet fill missing columns with None.
+    return next((f for f, keys in _SIGNATURES.items() if any(row.get(k) is not None for k in keys)), None)
+
+
+def _is_message(m: Any) -> bool:
+    return isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+
+
+def _check_text(value: Any, key: str, *, completion: bool) -> Text:
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, list) and all(_is_message(m) for m in value):
+        # HF datasets fill absent struct fields with None; drop them so chat templates see clean messages.
+        value = [{k: v for k, v in m.items() if v is not None} for m in value]
+        text = "".join(m["content"] for m in value)
+    else:
+        raise _Bad("bad_type", key, value, "must be a string or a list of {'role': str, 'content': str} "
+                   "messages", "convert the value to text, or to messages with string 'role' and 'content'")
+    if completion and not text.strip():
+        raise _Bad("empty_completion", key, value, "is an empty completion",
+                   "give the row a non-empty completion or remove the row")
+    return value
+
+
+def _field(row: Mapping, key: str, *, completion: bool) -> Text:
+    if row.get(key) is None:
+        raise _Bad("missing_field", key, row.get(key), "is missing",
+                   f"add a {key!r} field (a string or a list of messages)")
+    return _check_text(row[key], key, completion=completion)
+
+
+def _same_kind(prompt: Text, candidates: Sequence[Text], keys: Sequence[str]) -> None:
+    for key, cand in zip(keys, candidates, strict=True):
+        if isinstance(cand, list) != isinstance(prompt, list):
+            kind, other = ("a conversation", "a string")
+            if not isinstance(cand, list):
+                kind, other = other, kind
+            raise _Bad("bad_type", key, cand, f"is {kind} but 'prompt' is {other}",
+                       "use plain strings or message lists for all text fields of a row, not both")
+
+
+def _last_assistant(conv: list[Message], key: str) -> int:
+    turns = [i for i, m in enumerate(conv) if m["role"] == "assistant"]
+    if not turns:
+        raise _Bad("missing_field", key, conv, "has no assistant turn to train on",
+                   "end the conversation with a {'role': 'assistant', 'content': ...} message")
+    return turns[-1]
+
+
+def _split_shared_prompt(convs: list[list[Message]], keys: Sequence[str]) -> tuple[list[Message], list]:
+    """TRL-style implicit prompt: the longest shared message prefix, cut back so that every conversation keeps
+    at least its last assistant turn as its completion."""
+    n = min(len(c) for c in convs)
+    n = next((i for i in range(n) if any(c[i] != convs[0][i] for c in convs[1:])), n)
+    n = min([n] + [_last_assistant(c, k) for c, k in zip(convs, keys, strict=True)])
+    return convs[0][:n], [c[n:] for c in convs]
+
+
+def _prompt_or_implicit(row: Mapping, cands: list[Text], keys: Sequence[str]) -> tuple[Text, list[Text]]:
+    if row.get("prompt") is not None:
+        prompt = _field(row, "prompt", completion=False)
+    elif all(isinstance(c, list) for c in cands):
+        prompt, cands = _split_shared_prompt(cands, keys)  # type: ignore[arg-type]
+    else:
+        raise _Bad("missing_field", "prompt", None, "is missing (an implicit prompt is only taken from "
+                   "conversational completions sharing their first turns)", "add a 'prompt' field")
+    _same_kind(prompt, cands, keys)
+    return prompt, cands
+
+
+def _meta(row: Mapping, fmt: str) -> dict[str, Any]:
+    # None means absent: HF datasets and parquet give every row every column, filling gaps with None.
+    meta = {k: v for k, v in row.items() if k not in _CONSUMED[fmt] and v is not None}
+    for key in NUMERIC_META:
+        v = meta.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise _Bad("bad_type", key, v, "must be a number",
+                       f"store {key!r} as a number or rename the column")
+    return meta
+
+
+def _parse_pairs(row: Mapping, origin: Origin) -> PairRow:
+    keys = ("chosen", "rejected")
+    cands = [_field(row, k, completion=True) for k in keys]
+    prompt, (chosen, rejected) = _prompt_or_implicit(row, cands, keys)
+    return PairRow(prompt, chosen, rejected, _meta(row, "pairs"), origin)
+
+
+def _parse_label(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    if value is None:
+        raise _Bad("missing_field", "label", value, "is missing", "add a boolean 'label' (true = desirable)")
+    raise _Bad("bad_label", "label", value, "is not boolean-like",
+               "use true/false (also accepted: 1/0 and the strings 'true'/'false', 'yes'/'no', '1'/'0')")
+
+
+def _parse_unpaired(row: Mapping, origin: Origin) -> UnpairedRow:
+    completion = _field(row, "completion", completion=True)
+    prompt = _field(row, "prompt", completion=False)
+    _same_kind(prompt, [completion], ["completion"])
+    return UnpairedRow(prompt, completion, _parse_label(row.get("label")), _meta(row, "unpaired"), origin)
+
+
+def _is_int(v: Any) -> bool:
+    return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer())
+
+
+def _parse_ranking(row: Mapping, k: int) -> list[int]:
+    ranking, scores = row.get("ranking"), row.get("scores")
+    if ranking is None and scores is not None:
+        if not (isinstance(scores, list) and len(scores) == k
+                and all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores)):
+            raise _Bad("bad_ranking", "scores", scores, f"must be a list of {k} numbers, one per completion",
+                       "give one score per completion (higher = better), or a 'ranking'")
+        order = sorted(range(k), key=lambda i: -scores[i])  # stable: ties keep their listed order
+        return [order.index(i) for i in range(k)]
+    if ranking is None:
+        raise _Bad("missing_field", "ranking", None, "is missing",
+                   "add 'ranking' (the rank of each completion, 0 = best) or 'scores' (higher = better)")
+    if not (isinstance(ranking, list) and all(_is_int(r) for r in ranking)
+            and sorted(int(r) for r in ranking) == list(range(k))):
+        raise _Bad("bad_ranking", "ranking", ranking, f"is not a permutation of 0..{k - 1} ({k} completions)",
+                   "give the rank of each completion (0 = best), each rank exactly once")
+    return [int(r) for r in ranking]
+
+
+def _parse_ranked(row: Mapping, origin: Origin) -> RankedRow:
+    comps = row.get("completions")
+    if comps is None:
+        raise _Bad("missing_field", "completions", None, "is missing", "add a list of completions")
+    if not isinstance(comps, list) or len(comps) < 2:
+        raise _Bad("bad_type", "completions", comps, "must be a list of at least 2 completions",
+                   "give 2 or more completions (single completions belong in the unpaired or sft format)")
+    keys = [f"completions[{i}]" for i in range(len(comps))]
+    cands = [_check_text(c, key, completion=True) for c, key in zip(comps, keys, strict=True)]
+    ranking = _parse_ranking(row, len(cands))
+    prompt, cands = _prompt_or_implicit(row, cands, keys)
+    return RankedRow(prompt, cands, ranking, _meta(row, "ranked"), origin)
+
+
+def _parse_sft(row: Mapping, origin: Origin) -> SFTRow:
+    key = next((k for k in ("completion", "messages", "text") if row.get(k) is not None), "completion")
+    if key == "completion":
+        completion = _field(row, "completion", completion=True)
+        prompt = _field(row, "prompt", completion=False)
+        _same_kind(prompt, [completion], ["completion"])
+        return SFTRow(prompt, completion, _meta(row, "sft"), origin)
+    value = _check_text(row[key], key, completion=True)
+    if isinstance(value, str):
+        return SFTRow("", value, _meta(row, "sft"), origin)
+    cut = _last_assistant(value, key)
+    return SFTRow(value[:cut], value[cut:], _meta(row, "sft"), origin)
+
+
+_PARSERS = {"pairs": _parse_pairs, "unpaired": _parse_unpaired, "ranked": _parse_ranked, "sft": _parse_sft}

@@ -1,0 +1,1 @@
+"""Demos: tiny models, synthetic data, a measured effect (mmalign demo)."""

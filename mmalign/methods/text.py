@@ -1,0 +1,165 @@
+"""The text recipe: a causal LM, preference rows, the causal-LM adapter and a loss from
+:data:`~mmalign.methods.text_losses.TEXT_METHODS`, packaged as a :class:`~mmalign.train.loop.Task`.
+
+``model.name_or_path: tiny`` builds a random tiny Llama and trains a byte-level BPE tokenizer on the run's
+own data, so everything works offline on a laptop CPU; any other value is a checkpoint loaded with
+``from_pretrained`` (the same path users take for Qwen/Llama checkpoints).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..adapters.base import Scores, TextBatch
+from ..adapters.causal_lm import score_batch
+from ..schema import StageConfig, TrainConfig
+from ..train.loop import StageData
+from .text_losses import UNLEARNING, get_text_method, text_loss
+
+log = logging.getLogger(__name__)
+
+
+def _all_sources(cfg: TrainConfig) -> list[str]:
+    out = list(cfg.data.train) + list(cfg.data.eval)
+    for s in cfg.stages:
+        out += list(s.train or [])
+    if cfg.retain is not None:
+        out += list(cfg.retain.train)
+    return out
+
+
+def build_tokenizer(cfg: TrainConfig):
+    from ..models.text import load_tokenizer
+
+    if cfg.model.name_or_path != "tiny" or cfg.model.tokenizer:
+        return load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
+                              trust_remote_code=cfg.model.trust_remote_code)
+    from ..data.rows import load_rows
+    from ..data.synthetic import corpus
+    from ..models.tokenizer import train_bpe_tokenizer
+
+    rows = [r for _, _, r in load_rows(_all_sources(cfg), skip_bad_rows=True)]
+    tok = train_bpe_tokenizer(corpus(rows), vocab_size=int(cfg.model.tiny.get("vocab_size", 512)))
+    tok.padding_side = "left"
+    return tok
+
+
+def build_model(cfg: TrainConfig, tokenizer, *, value_head: bool) -> nn.Module:
+    from ..models.text import ValueHeadModel, apply_lora, build_tiny_causal_lm, load_causal_lm
+
+    if cfg.model.name_or_path == "tiny":
+        tiny = {k: v for k, v in cfg.model.tiny.items() if k != "vocab_size"}
+        model = build_tiny_causal_lm(len(tokenizer), seed=cfg.run.seed, **tiny)
+        if value_head:
+            model = ValueHeadModel(model)
+        if cfg.model.gradient_checkpointing:
+            base = model.base if value_head else model
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.config.use_cache = False
+    else:
+        model = load_causal_lm(cfg.model.name_or_path, dtype=cfg.model.dtype,
+                               attn_implementation=cfg.model.attn_implementation,
+                               trust_remote_code=cfg.model.trust_remote_code, load_in_4bit=cfg.model.load_in_4bit,
+                               load_in_8bit=cfg.model.load_in_8bit, value_head=value_head,
+                               gradient_checkpointing=cfg.model.gradient_checkpointing)
+    if cfg.lora.enabled:
+        model = apply_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                           target_modules=cfg.lora.target_modules)
+    return model
+
+
+def _content_key(dataset) -> str:
+    h = hashlib.sha256()
+    for ex in dataset.examples:
+        h.update(repr((ex.prompt_ids, ex.completions, ex.labels)).encode())
+    return h.hexdigest()
+
+
+def _with_mismatched(batch: TextBatch) -> TextBatch:
+    """Append candidate K: prompt i with the completion of example i+1 (KTO's KL reference point).
+
+    It shares prompt i's KV cache with the real completions, so z0 costs one extra completion, not an extra
+    forward over the prompts."""
+    rolled_ids = batch.completion_ids[:, :1].roll(1, dims=0)
+    rolled_mask = batch.completion_mask[:, :1].roll(1, dims=0)
+    return TextBatch(batch.prompt_ids, batch.prompt_mask, torch.cat([batch.completion_ids, rolled_ids], 1),
+                     torch.cat([batch.completion_mask, rolled_mask], 1), None, batch.labels, batch.meta,
+                     batch.extras)
+
+
+class TextTask:
+    """Method recipe for causal LMs (see the module docstring)."""
+
+    def __init__(self, cfg: TrainConfig, *, tokenizer=None, model: nn.Module | None = None):
+        self.cfg = cfg
+        self.method = get_text_method(cfg.loss.name)
+        self.needs_reference = self.method.needs_reference
+        self.loss_kwargs = dict(cfg.loss.kwargs)
+        self.sft_weight, self.retain_weight = cfg.loss.sft_weight, cfg.loss.retain_weight
+        self.tokenizer = tokenizer or build_tokenizer(cfg)
+        self.model = model or build_model(cfg, self.tokenizer, value_head=self.method.value_head)
+
+    # -- data ---------------------------------------------------------------------------------------------
+    def _dataset(self, sources, dc, *, fmt: str | None = None):
+        from ..data.text import build_text_dataset
+
+        return build_text_dataset(sources, self.tokenizer, format=fmt or dc.format, limit=dc.limit,
+                                  max_length=dc.max_length, max_prompt_length=dc.max_prompt_length,
+                                  skip_bad_rows=dc.skip_bad_rows)
+
+    def stage_data(self, stage: StageConfig) -> StageData:
+        dc = self.cfg.data
+        fmt = dc.format if dc.format != "auto" else self.method.data_format
+        train, stats = self._dataset(stage.train or dc.train, dc, fmt=fmt)
+        eval_ds = self._dataset(dc.eval, dc, fmt=fmt)[0] if dc.eval else None
+        aux = None
+        if self.method.name in UNLEARNING and self.cfg.retain is not None and self.cfg.retain.train:
+            aux, retain_stats = self._dataset(self.cfg.retain.train, self.cfg.retain, fmt="sft")
+            stats.update({f"retain/{k}": v for k, v in retain_stats.items()})
+        return StageData(train=train, collate=train.collate, eval=eval_ds, aux=aux, stats=stats,
+                         key=_content_key(train))
+
+    def configure_stage(self, stage: StageConfig) -> None:
+        kwargs = dict(self.cfg.loss.kwargs)
+        if stage.loss:
+            extra = dict(stage.loss)
+            kwargs.update(extra.pop("kwargs", {}))
+            self.sft_weight = extra.pop("sft_weight", self.sft_weight)
+            if extra:
+                raise ValueError(f"stage {stage.name!r}: loss overrides may set kwargs and sft_weight; got {extra}")
+        self.loss_kwargs = kwargs
+
+    # -- scores and loss ----------------------------------------------------------------------------------
+    def score(self, model: nn.Module, batch: TextBatch) -> Scores:
+        if self.method.mismatched_kl and batch.completion_ids.shape[0] > 1:
+            s = score_batch(model, _with_mismatched(batch), compute_values=self.method.value_head)
+            k = batch.num_candidates
+            return Scores(logps=s.logps[:, :k], token_logps=s.token_logps[:, :k], token_mask=s.token_mask[:, :k],
+                          lengths=s.lengths[:, :k], extras={"kl_logps": s.logps[:, k].detach()})
+        return score_batch(model, batch, compute_values=self.method.value_head)
+
+    def loss(self, policy: Scores, reference: Scores | None, batch: TextBatch, aux: Scores | None = None):
+        return text_loss(self.method, policy, reference, batch, self.loss_kwargs, sft_weight=self.sft_weight,
+                         retain=aux, retain_weight=self.retain_weight)
+
+    # -- model lifecycle ----------------------------------------------------------------------------------
+    def save_pretrained(self, model: nn.Module, path: Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(path))
+        self.tokenizer.save_pretrained(str(path))
+
+    def merge_lora(self) -> None:
+        from ..models.text import apply_lora
+
+        if not hasattr(self.model, "merge_and_unload"):
+            raise ValueError("stage.merge_lora needs lora.enabled=true")
+        self.model = self.model.merge_and_unload()
+        lc = self.cfg.lora
+        self.model = apply_lora(self.model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout,
+                                target_modules=lc.target_modules)

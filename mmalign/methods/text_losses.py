@@ -1,0 +1,170 @@
+"""Text recipes: which data format, reference and loss each method uses, as one explicit table.
+
+Each entry maps the adapter's :class:`~mmalign.adapters.base.Scores` (candidates ``[B, K]``: pairs are
+``[chosen, rejected]``) to a call of a pure loss in :mod:`mmalign.losses`. Adding a text method = adding a
+row here; the loop and the adapter do not change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .. import losses as L
+from ..adapters.base import Scores
+from ..losses import LossOutput
+
+
+@dataclass(frozen=True)
+class TextMethod:
+    name: str
+    data_format: str  # pairs | unpaired | ranked | sft
+    needs_reference: bool
+    fn: Callable[..., LossOutput]
+    value_head: bool = False
+    mismatched_kl: bool = False  # KTO: score prompt i with completion i+1 too (reference point z0)
+    citation: str = ""
+
+
+def _chosen_nll(p: Scores) -> torch.Tensor:
+    """Per-example token-mean NLL of candidate 0 (the chosen / target completion)."""
+    return L.nll(p.token_logps[:, 0], p.token_mask[:, 0]).per_example
+
+
+def _pair(p: Scores):
+    return p.logps[:, 0], p.logps[:, 1], p.lengths[:, 0].float(), p.lengths[:, 1].float()
+
+
+def _dpo(p: Scores, r: Scores, batch, kw: dict) -> LossOutput:
+    lw, ll, nw, nl = _pair(p)
+    return L.dpo(lw, ll, r.logps[:, 0], r.logps[:, 1], chosen_lengths=nw, rejected_lengths=nl, **kw)
+
+
+def _simpo(p: Scores, r, batch, kw: dict) -> LossOutput:
+    lw, ll, nw, nl = _pair(p)
+    return L.simpo(lw, ll, chosen_lengths=nw, rejected_lengths=nl, **kw)
+
+
+def _alphapo(p: Scores, r, batch, kw: dict) -> LossOutput:
+    lw, ll, nw, nl = _pair(p)
+    return L.alphapo(lw, ll, chosen_lengths=nw, rejected_lengths=nl, **kw)
+
+
+def _cpo(p: Scores, r, batch, kw: dict) -> LossOutput:
+    lw, ll, nw, nl = _pair(p)
+    return L.cpo(lw, ll, chosen_lengths=nw, rejected_lengths=nl, nll_loss=_chosen_nll(p), **kw)
+
+
+def _orpo(p: Scores, r, batch, kw: dict) -> LossOutput:
+    lw, ll, nw, nl = _pair(p)
+    return L.orpo(lw, ll, chosen_lengths=nw, rejected_lengths=nl, nll_loss=_chosen_nll(p), **kw)
+
+
+def _slic(p: Scores, r, batch, kw: dict) -> LossOutput:
+    lw, ll, _, _ = _pair(p)
+    return L.slic(lw, ll, nll_loss=_chosen_nll(p), **kw)
+
+
+def _kto_z0(p: Scores, r: Scores) -> torch.Tensor:
+    # TRL estimates z0 on mismatched (prompt i, completion i+1) pairs; without them (precomputed reference)
+    # the batch's own log-ratios stand in, detached and clamped the same way.
+    if "kl_logps" in p.extras and "kl_logps" in r.extras:
+        return L.kto_reference_point(p.extras["kl_logps"], r.extras["kl_logps"])
+    return L.kto_reference_point(p.logps[:, 0], r.logps[:, 0])
+
+
+def _kto(p: Scores, r: Scores, batch, kw: dict) -> LossOutput:
+    labels = batch.labels[:, 0] > 0.5
+    return L.kto(p.logps[:, 0], r.logps[:, 0], labels, kl_ref_point=_kto_z0(p, r), **kw)
+
+
+def _bco(p: Scores, r: Scores, batch, kw: dict) -> LossOutput:
+    return L.bco(p.logps[:, 0], r.logps[:, 0], batch.labels[:, 0] > 0.5, **kw)
+
+
+def _npo(p: Scores, r: Scores, batch, kw: dict) -> LossOutput:
+    return L.npo(p.logps[:, 0], r.logps[:, 0], **kw)
+
+
+def _simnpo(p: Scores, r, batch, kw: dict) -> LossOutput:
+    return L.simnpo(p.logps[:, 0], p.lengths[:, 0].float(), **kw)
+
+
+def _gradient_ascent(p: Scores, r, batch, kw: dict) -> LossOutput:
+    return L.gradient_ascent(p.logps[:, 0], lengths=p.lengths[:, 0].float(), **kw)
+
+
+def ranking_order(labels: torch.Tensor, candidate_mask: torch.Tensor | None) -> torch.Tensor:
+    """Rank positions per candidate (0 = best, NaN/masked = unranked) → candidate indices best-first, −1 pad."""
+    ranks = labels.clone().float()
+    valid = ~torch.isnan(ranks)
+    if candidate_mask is not None:
+        valid &= candidate_mask.bool()
+    ranks = torch.where(valid, ranks, torch.full_like(ranks, float("inf")))
+    order = torch.argsort(ranks, dim=1, stable=True)
+    n_valid = valid.sum(1, keepdim=True)
+    pos = torch.arange(order.shape[1], device=order.device).unsqueeze(0)
+    return torch.where(pos < n_valid, order, torch.full_like(order, -1))
+
+
+def _plackett_luce(p: Scores, r: Scores, batch, kw: dict) -> LossOutput:
+    kw = dict(kw)
+    beta = kw.pop("beta", 0.1)
+    order = ranking_order(batch.labels, batch.candidate_mask)
+    return L.plackett_luce(p.logps - r.logps, order, candidate_mask=batch.candidate_mask, beta=beta, **kw)
+
+
+def _reward_model(p: Scores, r, batch, kw: dict) -> LossOutput:
+    margin = batch.extras.get("margin")
+    if margin is not None:
+        margin = torch.nan_to_num(margin, nan=0.0)  # rows without a margin column
+    return L.bradley_terry(p.values[:, 0], p.values[:, 1], margin=margin, **kw)
+
+
+def _sft(p: Scores, r, batch, kw: dict) -> LossOutput:
+    return L.nll(p.token_logps[:, 0], p.token_mask[:, 0], **kw)
+
+
+TEXT_METHODS: dict[str, TextMethod] = {
+    m.name: m
+    for m in [
+        TextMethod("dpo", "pairs", True, _dpo, citation="arXiv 2305.18290 (+ TRL loss_type variants)"),
+        TextMethod("simpo", "pairs", False, _simpo, citation="arXiv 2405.14734"),
+        TextMethod("alphapo", "pairs", False, _alphapo, citation="arXiv 2501.03884"),
+        TextMethod("cpo", "pairs", False, _cpo, citation="arXiv 2401.08417"),
+        TextMethod("orpo", "pairs", False, _orpo, citation="arXiv 2403.07691"),
+        TextMethod("slic", "pairs", False, _slic, citation="arXiv 2305.10425"),
+        TextMethod("kto", "unpaired", True, _kto, mismatched_kl=True, citation="arXiv 2402.01306"),
+        TextMethod("bco", "unpaired", True, _bco, citation="arXiv 2404.04656"),
+        TextMethod("npo", "sft", True, _npo, citation="arXiv 2404.05868"),
+        TextMethod("simnpo", "sft", False, _simnpo, citation="arXiv 2410.07163"),
+        TextMethod("gradient_ascent", "sft", False, _gradient_ascent),
+        TextMethod("plackett_luce", "ranked", True, _plackett_luce, citation="arXiv 2305.18290 App. A.3"),
+        TextMethod("rm", "pairs", False, _reward_model, value_head=True, citation="Bradley-Terry, TRL RewardTrainer"),
+        TextMethod("sft", "sft", False, _sft),
+    ]
+}
+
+UNLEARNING = {"npo", "simnpo", "gradient_ascent"}
+
+
+def get_text_method(name: str) -> TextMethod:
+    try:
+        return TEXT_METHODS[name]
+    except KeyError:
+        raise ValueError(f"loss.name={name!r} is not a text method; valid: {sorted(TEXT_METHODS)}") from None
+
+
+def text_loss(method: TextMethod, policy: Scores, ref: Scores | None, batch, kwargs: dict, *,
+              sft_weight: float = 0.0, retain: Scores | None = None, retain_weight: float = 1.0) -> LossOutput:
+    """The method's loss, plus the optional SFT term (RPO/MPO) and, for unlearning, the retain-set NLL."""
+    out = method.fn(policy, ref, batch, kwargs)
+    if method.name in UNLEARNING and retain is not None:
+        retain_nll = L.nll(retain.token_logps[:, 0], retain.token_mask[:, 0]).loss
+        return L.unlearning_objective(out, retain_nll=retain_nll, retain_weight=retain_weight)
+    if sft_weight:
+        sft = L.nll(policy.token_logps[:, 0], policy.token_mask[:, 0])
+        return L.combine([(method.name, 1.0, out), ("sft", sft_weight, sft)])
+    return out

@@ -1,0 +1,195 @@
+"""The run schema: every key a YAML config or a ``key=value`` override may set.
+
+Precedence (lowest first): these dataclass defaults ← the YAML file ← ``key=value`` overrides on the command
+line ← keyword overrides from Python. Unknown keys and bad values are reported all at once by
+:func:`mmalign.config.load_config`. ``mmalign train --help-config`` prints this schema with help texts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+def _h(text: str, default: Any = None, factory: Any = None):
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _h("a local checkpoint directory (or hub id where a hub is reachable); "
+                           "'tiny' builds a random tiny Llama for CPU runs", "tiny")
+    tokenizer: str | None = _h("tokenizer directory; default: name_or_path ('tiny' trains a BPE on the data)")
+    dtype: Literal["float32", "bfloat16", "float16"] = _h("weights dtype on load", "float32")
+    attn_implementation: str | None = _h("eager | sdpa | flash_attention_2 (default: transformers' choice)")
+    gradient_checkpointing: bool = _h("recompute activations in backward to save memory", False)
+    load_in_4bit: bool = _h("QLoRA: load the base in 4 bits (needs bitsandbytes + CUDA)", False)
+    load_in_8bit: bool = _h("load the base in 8 bits (needs bitsandbytes + CUDA)", False)
+    trust_remote_code: bool = _h("allow model code shipped with the checkpoint", False)
+    tiny: dict[str, Any] = _h("overrides for the tiny model (hidden_size, num_layers, ...)", factory=dict)
+
+    def validate(self) -> list[str]:
+        if self.load_in_4bit and self.load_in_8bit:
+            return ["load_in_4bit and load_in_8bit are exclusive: pick one"]
+        return []
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = _h("train a LoRA adapter instead of all weights", False)
+    r: int = _h("LoRA rank", 8)
+    alpha: int = _h("LoRA alpha (scale = alpha / r)", 16)
+    dropout: float = _h("LoRA dropout", 0.0)
+    target_modules: list[str] | str = _h("module names, or 'all-linear'", "all-linear")
+
+    def validate(self) -> list[str]:
+        return [f"r={self.r} must be >= 1"] if self.r < 1 else []
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = _h("training files: .jsonl/.json/.parquet or a saved HF datasets directory", factory=list)
+    eval: list[str] = _h("evaluation files (same formats)", factory=list)
+    format: Literal["auto", "pairs", "unpaired", "ranked", "sft"] = _h("row format; auto detects from keys", "auto")
+    max_length: int = _h("max tokens of prompt + completion", 512)
+    max_prompt_length: int | None = _h("prompts are cut from the left to this length first", None)
+    skip_bad_rows: bool = _h("skip and count malformed rows instead of stopping with an error", False)
+    limit: int | None = _h("read at most this many rows per file (debugging)", None)
+
+    def validate(self) -> list[str]:
+        errs = []
+        if self.max_length < 2:
+            errs.append(f"max_length={self.max_length} must be >= 2")
+        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            errs.append(f"max_prompt_length={self.max_prompt_length} must be < max_length={self.max_length}")
+        return errs
+
+
+@dataclass
+class ReferenceConfig:
+    strategy: Literal["auto", "copy", "adapter", "precomputed", "sync", "ema", "none"] = _h(
+        "auto: adapter-disable with LoRA, else a frozen copy; none for reference-free losses", "auto")
+    cache_dir: str | None = _h("precomputed reference scores live here (default: <output_dir>/ref_cache)")
+    sync_every: int = _h("TR-DPO: mix the policy into the reference every N steps", 64)
+    sync_alpha: float = _h("TR-DPO mixing weight α: ref ← α·policy + (1−α)·ref", 0.6)
+    ema_decay: float = _h("EMA reference: ref ← decay·ref + (1−decay)·policy every step", 0.99)
+
+    def validate(self) -> list[str]:
+        errs = []
+        if not 0.0 <= self.sync_alpha <= 1.0:
+            errs.append(f"sync_alpha={self.sync_alpha} must lie in [0, 1]")
+        if not 0.0 <= self.ema_decay < 1.0:
+            errs.append(f"ema_decay={self.ema_decay} must lie in [0, 1)")
+        if self.sync_every < 1:
+            errs.append(f"sync_every={self.sync_every} must be >= 1")
+        return errs
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "adamw_8bit", "adafactor", "sgd"] = _h("optimizer", "adamw")
+    lr: float = _h("peak learning rate", 1e-6)
+    weight_decay: float = _h("decoupled weight decay", 0.0)
+    betas: list[float] = _h("Adam betas", factory=lambda: [0.9, 0.999])
+    eps: float = _h("Adam epsilon", 1e-8)
+    scheduler: Literal["constant", "linear", "cosine"] = _h("decay after warmup", "linear")
+    warmup_steps: int = _h("linear warmup steps (overrides warmup_ratio when > 0)", 0)
+    warmup_ratio: float = _h("warmup as a fraction of the stage's steps", 0.0)
+    max_grad_norm: float | None = _h("clip the global gradient norm (null: no clipping)", 1.0)
+
+    def validate(self) -> list[str]:
+        errs = []
+        if self.lr <= 0:
+            errs.append(f"lr={self.lr} must be > 0")
+        if len(self.betas) != 2:
+            errs.append(f"betas={self.betas} must have two entries")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            errs.append(f"warmup_ratio={self.warmup_ratio} must lie in [0, 1)")
+        return errs
+
+
+@dataclass
+class LossConfig:
+    """The method's loss: ``name`` picks a recipe in :data:`mmalign.methods.METHODS`; ``kwargs`` go to its loss."""
+
+    name: str = _h("method/loss name, e.g. dpo, simpo, cpo, orpo, slic, kto, npo, simnpo, listwise, rm, sft", "dpo")
+    kwargs: dict[str, Any] = _h("keyword arguments of the loss (beta, loss_type, label_smoothing, ...)", factory=dict)
+    sft_weight: float = _h("add weight × NLL of the chosen completion (RPO/MPO-style)", 0.0)
+    retain_weight: float = _h("unlearning: weight of the retain-set NLL", 1.0)
+
+
+@dataclass
+class StageConfig:
+    """One stage of a run; unset fields inherit the run's values."""
+
+    name: str = _h("stage name (logs, checkpoints)", "main")
+    max_steps: int | None = _h("optimizer steps in this stage (null: use epochs)", None)
+    epochs: float | None = _h("passes over this stage's data when max_steps is null", None)
+    train: list[str] | None = _h("this stage's training files (default: data.train)", None)
+    loss: dict[str, Any] | None = _h("overrides of the loss section for this stage", None)
+    lr: float | None = _h("this stage's learning rate", None)
+    reanchor_reference: bool = _h("at the start of this stage, the reference becomes the current policy", False)
+    merge_lora: bool = _h("at the start of this stage, merge the LoRA adapter into the base and start a new one",
+                          False)
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = _h("checkpoints, logs, final model", "outputs/run")
+    seed: int = _h("seed for weights, data order and sampling", 0)
+    max_steps: int | None = _h("optimizer steps (null: use epochs)", 100)
+    epochs: float = _h("passes over the data when max_steps is null", 1.0)
+    batch_size: int = _h("examples per device per micro-batch", 4)
+    grad_accum: int = _h("micro-batches per optimizer step", 1)
+    mixed_precision: Literal["no", "bf16", "fp16"] = _h("autocast precision; loss math stays fp32", "no")
+    log_every: int = _h("log metrics every N optimizer steps", 1)
+    eval_every: int = _h("evaluate every N steps (0: only at the end)", 0)
+    eval_batches: int | None = _h("cap the number of eval batches", None)
+    save_every: int = _h("checkpoint every N steps (0: only the final model)", 0)
+    keep_last: int = _h("checkpoints kept on disk", 2)
+    resume: str = _h("'auto' (newest complete checkpoint), 'never', or a checkpoint directory", "auto")
+    report_to: list[str] = _h("jsonl, tensorboard, wandb", factory=lambda: ["jsonl", "tensorboard"])
+    progress: bool = _h("show a progress bar", True)
+    save_final: bool = _h("save_pretrained the final model to <output_dir>/final", True)
+    deterministic: bool = _h("torch deterministic algorithms (exact resume on CPU)", False)
+
+    def validate(self) -> list[str]:
+        errs = []
+        for name in ("batch_size", "grad_accum", "log_every", "keep_last"):
+            if getattr(self, name) < 1:
+                errs.append(f"{name}={getattr(self, name)} must be >= 1")
+        bad = sorted(set(self.report_to) - {"jsonl", "tensorboard", "wandb"})
+        if bad:
+            errs.append(f"report_to has {bad}; allowed: ['jsonl', 'tensorboard', 'wandb']")
+        if self.max_steps is not None and self.max_steps < 1:
+            errs.append(f"max_steps={self.max_steps} must be >= 1 or null")
+        return errs
+
+
+@dataclass
+class TrainConfig:
+    """A whole run: model, data, loss, reference, optimiser, loop settings and optional stages."""
+
+    modality: Literal["text"] = _h("which recipe family builds the task (more modalities come as recipes)", "text")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    retain: DataConfig | None = _h("unlearning: retain-set data (NLL/KL terms keep utility)", None)
+    loss: LossConfig = field(default_factory=LossConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    stages: list[StageConfig] = _h("a list of stages (curricula, pre-SFT alignment); empty: one stage", factory=list)
+
+    def validate(self) -> list[str]:
+        errs = []
+        if not self.data.train and not any(s.train for s in self.stages):
+            errs.append("data.train is empty: give at least one training file (data.train=[path.jsonl])")
+        if self.reference.strategy == "adapter" and not self.lora.enabled:
+            errs.append("reference.strategy=adapter needs lora.enabled=true (the reference is the base without it)")
+        names = [s.name for s in self.stages]
+        if len(names) != len(set(names)):
+            errs.append(f"stage names must be unique; got {names}")
+        return errs
