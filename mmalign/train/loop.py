@@ -72,6 +72,19 @@ class Task(Protocol):
     def merge_lora(self) -> None: ...
 
 
+class _Scorer(nn.Module):
+    """Runs the adapter inside ``forward`` so that DDP/FSDP wrappers see a normal forward call (their gradient
+    hooks and parameter gathering are tied to it), even though adapters call submodules directly."""
+
+    def __init__(self, model: nn.Module, score_fn):
+        super().__init__()
+        self.model = model
+        self._score_fn = score_fn
+
+    def forward(self, batch) -> Scores:
+        return self._score_fn(self.model, batch)
+
+
 def resolve_stages(cfg: TrainConfig) -> list[StageConfig]:
     if cfg.stages:
         return cfg.stages
@@ -156,7 +169,7 @@ def evaluate(task: Task, model, data: StageData, reference: Reference, cfg: Trai
         idx = list(range(b * bs, min((b + 1) * bs, len(data.eval))))
         batch = _collate_with_index(data.collate, data.eval, idx).to(accelerator.device)
         with accelerator.autocast():
-            pol = task.score(model, batch)
+            pol = model(batch)
             ref = reference.scores(batch) if task.needs_reference else None
             out = task.loss(pol, ref, batch)
         rows.append({"loss": out.loss.item(), **{k: v.item() for k, v in out.metrics.items()}})
@@ -211,7 +224,7 @@ def fit(task: Task, cfg: TrainConfig, accelerator=None) -> dict:
         accelerator._optimizers.clear()
         optimizer = build_optimizer(task.model, cfg.optim, lr=stage.lr)
         scheduler = build_scheduler(optimizer, cfg.optim, n_steps)
-        model, optimizer = accelerator.prepare(task.model, optimizer)
+        model, optimizer = accelerator.prepare(_Scorer(task.model, task.score), optimizer)
 
         eval_ref = reference
         if isinstance(reference, PrecomputedReference):
@@ -243,9 +256,9 @@ def fit(task: Task, cfg: TrainConfig, accelerator=None) -> dict:
                 batch = next(batches)
                 aux_batch = next(aux_batches) if aux_batches else None
                 with accelerator.accumulate(model), accelerator.autocast():
-                    pol = task.score(model, batch)
+                    pol = model(batch)
                     ref = reference.scores(batch) if task.needs_reference else None
-                    aux = task.score(model, aux_batch) if aux_batch is not None else None
+                    aux = model(aux_batch) if aux_batch is not None else None
                     out = task.loss(pol, ref, batch, aux)
                     if not torch.isfinite(out.loss):
                         raise FloatingPointError(
@@ -293,7 +306,7 @@ def fit(task: Task, cfg: TrainConfig, accelerator=None) -> dict:
     accelerator.wait_for_everyone()
     if cfg.run.save_final and accelerator.is_main_process:
         final = out_dir / "final"
-        task.save_pretrained(accelerator.unwrap_model(task.model), final)
+        task.save_pretrained(task.model, final)
         summary["final_model"] = str(final)
     logger.close()
     summary.update(global_step=global_step, seconds=round(time.time() - t0, 2), output_dir=str(out_dir),
