@@ -97,7 +97,8 @@ def run(out_dir: str | Path = "outputs/demo/text", *, seed: int = 0, sft_steps: 
         "win_rate_vs_sft": round(ev["win_rate"], 4), "kl_to_reference": round(ev["kl"], 4),
         "eval_prompts": n_eval, "sampling": "temperature 1.0, same prompts and seed for both models",
         "dpo_eval": {k: round(v, 4) for k, v in dpo["stages"][-1]["eval"].items()},
-        "sft_final_nll": round(sft["stages"][-1]["final"]["loss"], 4), "sft_steps": sft_steps, "dpo_steps": dpo_steps, "seconds": round(time.time() - t0, 1),
+        "sft_final_nll": round(sft["stages"][-1]["final"]["loss"], 4), "sft_steps": sft_steps,
+        "dpo_steps": dpo_steps, "seconds": round(time.time() - t0, 1),
         "plots": [plot.name],
     }
     (out / "report.json").write_text(json.dumps(report, indent=1))
