@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,13 +24,22 @@ def load_train_config(config: str | Path | Mapping | TrainConfig | None = None, 
     return load_config(TrainConfig, config, overrides=list(overrides), extra=dict(extra or {}))
 
 
-def build_task(cfg: TrainConfig):
-    """The recipe for the configured modality (an explicit table, one entry per recipe family)."""
-    if cfg.modality == "text":
-        from .methods.text import TextTask
+# modality -> "module:Task class" of its recipe family; imported lazily so that a text run never imports
+# diffusers or open_clip.
+TASKS = {
+    "text": "mmalign.methods.text:TextTask",
+    "diffusion": "mmalign.methods.diffusion:DiffusionTask",
+    "clip": "mmalign.methods.clip:ClipTask",
+    "prior": "mmalign.methods.prior:PriorTask",
+}
 
-        return TextTask(cfg)
-    raise ValueError(f"modality={cfg.modality!r} is not one of ['text']")
+
+def build_task(cfg: TrainConfig):
+    """The recipe for the configured modality (from the explicit :data:`TASKS` table)."""
+    if cfg.modality not in TASKS:
+        raise ValueError(f"modality={cfg.modality!r} is not one of {sorted(TASKS)}")
+    module, _, cls = TASKS[cfg.modality].partition(":")
+    return getattr(importlib.import_module(module), cls)(cfg)
 
 
 def train(config: str | Path | Mapping | TrainConfig | None = None, overrides: Sequence[str] = (), *,

@@ -16,9 +16,13 @@ from pathlib import Path
 
 import typer
 
+from .demos import DEMOS, get_demo
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 sample_app = typer.Typer(no_args_is_help=True, help="Generate samples from trained checkpoints.")
 app.add_typer(sample_app, name="sample")
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate checkpoints (e.g. CLIP zero-shot/retrieval).")
+app.add_typer(eval_app, name="eval")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -93,24 +97,19 @@ def sample_text(
         Path(out).write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-DEMOS = ("text", "losses")
-
-
 @app.command()
 def demo(
-    name: str = typer.Argument("text", help=f"one of {list(DEMOS)}"),
+    name: str = typer.Argument("text", help=f"one of {sorted(DEMOS)}"),
     out: str = typer.Option("outputs/demo", help="output directory (a subdirectory per demo)"),
 ) -> None:
     """Run a demo end to end and print its report."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if name not in DEMOS:
-        typer.echo(f"error: unknown demo {name!r}; valid: {list(DEMOS)}", err=True)
-        raise typer.Exit(2)
+    try:
+        run = get_demo(name)
+    except ValueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
     target = Path(out) / name
-    if name == "text":
-        from .demos.text import run
-    else:
-        from .demos.loss_showcase import run
     report = run(target)
     typer.echo(json.dumps({k: v for k, v in report.items() if k != "losses_available"}, indent=1))
     typer.echo(f"report: {target / 'report.md'}")
@@ -124,6 +123,10 @@ def losses() -> None:
     for name, fn in sorted(LOSSES.items()):
         first = (fn.__doc__ or "").strip().splitlines()[0]
         typer.echo(f"{name:24s} {first}")
+
+
+# Modality command modules register their `sample`/`eval`/`pairs` commands on the apps above.
+from . import cli_clip, cli_diffusion  # noqa: E402,F401
 
 
 def main() -> None:

@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .schema_clip import ClipConfig, PriorConfig
+from .schema_diffusion import DiffusionConfig
+
 
 def _h(text: str, default: Any = None, factory: Any = None):
     if factory is not None:
@@ -172,7 +175,8 @@ class RunConfig:
 class TrainConfig:
     """A whole run: model, data, loss, reference, optimiser, loop settings and optional stages."""
 
-    modality: Literal["text"] = _h("which recipe family builds the task (more modalities come as recipes)", "text")
+    modality: Literal["text", "diffusion", "clip", "prior"] = _h(
+        "which recipe family builds the task (mmalign.api.TASKS)", "text")
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -182,6 +186,9 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     stages: list[StageConfig] = _h("a list of stages (curricula, pre-SFT alignment); empty: one stage", factory=list)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
 
     def validate(self) -> list[str]:
         errs = []
