@@ -192,7 +192,8 @@ class TrainConfig:
 
     def validate(self) -> list[str]:
         errs = []
-        if not self.data.train and not any(s.train for s in self.stages):
+        data_free = self.modality == "diffusion" and self.loss.name == "self_npo"  # Self-NPO needs no data
+        if not data_free and not self.data.train and not any(s.train for s in self.stages):
             errs.append("data.train is empty: give at least one training file (data.train=[path.jsonl])")
         if self.reference.strategy == "adapter" and not self.lora.enabled:
             errs.append("reference.strategy=adapter needs lora.enabled=true (the reference is the base without it)")
