@@ -8,8 +8,13 @@ How :func:`score_batch` differs from the usual ``[prompt; chosen] + [prompt; rej
    shift RoPE) and a ``[prompt_mask; completion_mask]`` attention mask. The result equals the concatenated
    forward; the prompt is encoded once instead of K times, and gradients flow through both passes.
 2. **Chunked log-probs.** Only completion positions need logits. Their hidden states are gathered and pushed
-   through ``lm_head`` -> ``logsumexp``/``gather`` in chunks of ``chunk_size`` rows, each chunk under
-   ``torch.utils.checkpoint``, so neither forward nor backward ever holds more than one ``[chunk, V]`` block.
+   through ``lm_head`` -> ``logsumexp``/``gather`` in chunks of ``chunk_size`` rows, so neither forward nor
+   backward ever holds more than one ``[chunk, V]`` block. A plain ``nn.Linear`` head runs a fused autograd
+   function (:class:`_LinearTargetLogps`: forward keeps ``logsumexp`` per row; backward recomputes the chunk's
+   logits once and forms ``grad * (onehot - softmax)`` in place); other heads (LoRA on ``lm_head``, quantized,
+   hooked) are called as modules with each chunk under ``torch.utils.checkpoint``. TRL 1.16 does the same
+   tiling (``add_fused_lm_head``) but, off Triton devices, over every position of the ``[prompt; completion]``
+   sequences, prompt included.
 3. **Padding candidates are skipped** (``candidate_mask`` False): they never reach the model and score 0.
 
 Fallback: when the model cannot return a KV cache, or activation checkpointing is on while training (HF then
@@ -284,10 +289,103 @@ def _logits(hidden: Tensor, lm_head: nn.Module, transform) -> Tensor:
 def _chunked_target_logps(
     hidden: Tensor, targets: Tensor, lm_head: nn.Module, transform, chunk_size: int
 ) -> Tensor:
-    """``log p(target | hidden)`` for ``[M, H]`` states, at most ``chunk_size`` rows of logits at a time."""
-    return _chunked(
-        lambda h, t: _target_logps(h, t, lm_head, transform), (hidden, targets), lm_head, chunk_size
+    """``log p(target | hidden)`` for ``[M, H]`` states, at most ``chunk_size`` rows of logits at a time.
+
+    A plain ``nn.Linear`` head goes through :class:`_LinearTargetLogps` (one logits pass in forward, one in
+    backward); any other head (PEFT LoRA on ``lm_head``, quantized layers, ZeRO-3 or accelerate-offloaded
+    modules whose hooks must run) is called as a module under per-chunk activation checkpointing.
+    """
+    linear = _plain_linear(lm_head)
+    if linear is None:
+        return _chunked(
+            lambda h, t: _target_logps(h, t, lm_head, transform), (hidden, targets), lm_head, chunk_size
+        )
+    weight, bias = linear
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(
+        [
+            _LinearTargetLogps.apply(h, weight, bias, t, transform)
+            for h, t in zip(hidden.split(chunk_size), targets.split(chunk_size), strict=True)
+        ]
     )
+
+
+def _plain_linear(lm_head: nn.Module) -> tuple[Tensor, Tensor | None] | None:
+    """``(weight, bias)`` when calling ``F.linear`` on them is exactly what calling ``lm_head`` does."""
+    if type(lm_head) is not nn.Linear or lm_head._forward_hooks or lm_head._forward_pre_hooks:
+        return None
+    if hasattr(lm_head, "_hf_hook") or hasattr(lm_head.weight, "ds_id"):  # accelerate offload, DeepSpeed ZeRO-3
+        return None
+    if _is_dtensor(lm_head.weight):  # FSDP2 shards: the module's hooks gather them
+        return None
+    return lm_head.weight, lm_head.bias
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def _linear_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, torch.dtype]:
+    """fp32 logits as ``lm_head(hidden).float()`` computes them, and the dtype the matmul ran in (autocast)."""
+    raw = F.linear(hidden, weight, bias)
+    return raw.float(), raw.dtype
+
+
+class _LinearTargetLogps(torch.autograd.Function):
+    """``log_softmax(transform(hidden @ W.T + b))[target]`` for one chunk of rows, with a hand-written backward.
+
+    Forward keeps only ``hidden``, ``targets`` and the ``logsumexp`` per row. Backward recomputes the logits
+    once and turns them in place into ``grad * (onehot - softmax)``, then runs the two weight/input matmuls.
+    Compared with checkpointing the autograd version, this skips the second ``logsumexp`` and the ``[rows, V]``
+    buffers of the gather/logsumexp backward, and it takes ``weight``/``bias`` as inputs, so their gradients
+    reach autograd (and DDP's hooks) the normal way. Autocast state is recorded in forward and replayed for the
+    recomputation, so forward and backward see the same logits. A ``transform`` (soft-capping, logit scaling) is
+    differentiated by autograd on the recomputed chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, transform) -> Tensor:
+        device_type = hidden.device.type
+        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        raw, ctx.compute_dtype = _linear_logits(hidden, weight, bias)
+        z = raw if transform is None else transform(raw)
+        lse = z.logsumexp(-1)
+        picked = z.gather(-1, targets[:, None]).squeeze(-1) - lse
+        ctx.transform = transform
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        return picked
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        device_type, enabled, dtype = ctx.autocast
+        with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            raw, _ = _linear_logits(hidden, weight, bias)
+        grad = grad.float()[:, None]
+        if ctx.transform is None:
+            grad_raw = raw.sub_(lse[:, None]).exp_().mul_(-grad)  # -grad * softmax
+            grad_raw.scatter_add_(-1, targets[:, None], grad)  # + grad * onehot
+        else:
+            raw.requires_grad_(True)
+            with torch.enable_grad():
+                z = ctx.transform(raw)
+            grad_z = (z.detach() - lse[:, None]).exp_().mul_(-grad)
+            grad_z.scatter_add_(-1, targets[:, None], grad)
+            (grad_raw,) = torch.autograd.grad(z, raw, grad_z)
+        grad_raw = grad_raw.to(ctx.compute_dtype)
+        grad_hidden = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_hidden = (grad_raw @ weight.to(ctx.compute_dtype)).to(hidden.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_raw.t() @ hidden.to(ctx.compute_dtype)).to(weight.dtype)
+        if bias is not None and ctx.needs_input_grad[2]:
+            grad_bias = grad_raw.sum(0).to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None
 
 
 def _chunked(

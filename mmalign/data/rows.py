@@ -45,7 +45,8 @@ Origin = tuple[str, int]  # (file, 1-based row number)
 
 FORMATS = ("pairs", "unpaired", "ranked", "sft")
 MAX_REPORTED = 10
-SKIP_HINT = "or pass skip_bad_rows=True to skip bad rows and count them in the logs"
+SKIP_HINT = ("or set data.skip_bad_rows=true (skip_bad_rows=True in Python) to skip bad rows and count them in "
+             "the logs")
 NUMERIC_META = ("margin", "weight")  # the collator turns these columns into tensors, so they must be numbers
 _TRUE, _FALSE = {"true", "yes", "1"}, {"false", "no", "0"}
 _DATA_SUFFIXES = (".jsonl", ".json", ".parquet")

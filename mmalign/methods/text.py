@@ -17,9 +17,10 @@ from torch import nn
 
 from ..adapters.base import Scores, TextBatch
 from ..adapters.causal_lm import score_batch
+from ..config import ConfigError
 from ..schema import StageConfig, TrainConfig
 from ..train.loop import StageData
-from .text_losses import UNLEARNING, get_text_method, text_loss
+from .text_losses import UNLEARNING, TextMethod, check_loss_kwargs, get_text_method, text_loss
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,14 @@ def build_tokenizer(cfg: TrainConfig):
 
 
 def build_model(cfg: TrainConfig, tokenizer, *, value_head: bool) -> nn.Module:
+    # Value-head and LoRA weights are drawn from torch's global RNG: seed them from the run so that the same
+    # config gives the same initial model, whatever ran before in the process (tests, notebooks, sweeps).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.run.seed)
+        return _build_model(cfg, tokenizer, value_head=value_head)
+
+
+def _build_model(cfg: TrainConfig, tokenizer, *, value_head: bool) -> nn.Module:
     from ..models.text import ValueHeadModel, apply_lora, build_tiny_causal_lm, load_causal_lm
 
     if cfg.model.name_or_path == "tiny":
@@ -71,6 +80,49 @@ def build_model(cfg: TrainConfig, tokenizer, *, value_head: bool) -> nn.Module:
         model = apply_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                            target_modules=cfg.lora.target_modules)
     return model
+
+
+def _stage_loss(cfg: TrainConfig, stage: StageConfig | None) -> tuple[str, dict, float, float]:
+    """(loss name, kwargs, sft_weight, retain_weight) in effect for ``stage`` (None: the run's loss section).
+
+    A stage that names another loss starts from that loss's defaults: the run's kwargs and sft_weight belong
+    to the run's loss (an SFT stage must not receive DPO's ``beta``)."""
+    run, over = cfg.loss, dict((stage.loss if stage is not None else None) or {})
+    name = over.get("name", run.name)
+    same = name == run.name
+    kwargs = {**(dict(run.kwargs) if same else {}), **dict(over.get("kwargs") or {})}
+    return (name, kwargs, over.get("sft_weight", run.sft_weight if same else 0.0),
+            over.get("retain_weight", run.retain_weight))
+
+
+def _check_methods(cfg: TrainConfig) -> list[TextMethod]:
+    """Every stage's loss name and options, all problems in one ConfigError; returns the methods in use."""
+    errors, methods = [], []
+    for i, stage in enumerate([None, *cfg.stages]):
+        where = "loss" if stage is None else f"stages.{i - 1}.loss"
+        if stage is not None:
+            extra = sorted(set(stage.loss or {}) - _STAGE_LOSS_KEYS)
+            if extra:
+                errors.append(f"{where}: {extra} cannot be set per stage; allowed: {sorted(_STAGE_LOSS_KEYS)}")
+            if stage.merge_lora and not cfg.lora.enabled:
+                errors.append(f"stages.{i - 1}.merge_lora=true needs lora.enabled=true (no adapter to merge)")
+        name, kwargs, _, _ = _stage_loss(cfg, stage)
+        try:
+            method = get_text_method(name)
+        except ConfigError as e:
+            errors += [f"{where}.{e.errors[0].removeprefix('loss.')}"]
+            continue
+        methods.append(method)
+        errors += check_loss_kwargs(method, kwargs, where=f"{where}.kwargs")
+    if len({m.value_head for m in methods}) > 1:
+        errors.append("stages mix a reward model (rm, value head) with language-model losses; train the reward "
+                      "model in its own run")
+    if errors:
+        raise ConfigError(errors)
+    return methods
+
+
+_STAGE_LOSS_KEYS = {"name", "kwargs", "sft_weight", "retain_weight"}
 
 
 def _content_key(dataset) -> str:
@@ -97,10 +149,14 @@ class TextTask:
 
     def __init__(self, cfg: TrainConfig, *, tokenizer=None, model: nn.Module | None = None):
         self.cfg = cfg
+        methods = _check_methods(cfg)  # every loss name and option of every stage, before anything is built
         self.method = get_text_method(cfg.loss.name)
-        self.needs_reference = self.method.needs_reference
+        # The loop builds the reference once, before the first stage: a run whose later stage needs one (SFT
+        # then DPO) must have it; configure_stage then says per stage whether to run its forward.
+        self.needs_reference = any(m.needs_reference for m in methods)
         self.loss_kwargs = dict(cfg.loss.kwargs)
         self.sft_weight, self.retain_weight = cfg.loss.sft_weight, cfg.loss.retain_weight
+        self.merged = False  # a LoRA adapter was merged into the in-memory base (stage.merge_lora)
         self.tokenizer = tokenizer or build_tokenizer(cfg)
         self.model = model or build_model(cfg, self.tokenizer, value_head=self.method.value_head)
 
@@ -116,7 +172,10 @@ class TextTask:
         dc = self.cfg.data
         fmt = dc.format if dc.format != "auto" else self.method.data_format
         train, stats = self._dataset(stage.train or dc.train, dc, fmt=fmt)
-        eval_ds = self._dataset(dc.eval, dc, fmt=fmt)[0] if dc.eval else None
+        eval_ds = None
+        if dc.eval:  # its counts go to the logs too: skipped eval rows must not vanish silently
+            eval_ds, eval_stats = self._dataset(dc.eval, dc, fmt=fmt)
+            stats.update({f"eval/{k}": v for k, v in eval_stats.items()})
         aux = None
         if self.method.name in UNLEARNING and self.cfg.retain is not None and self.cfg.retain.train:
             aux, retain_stats = self._dataset(self.cfg.retain.train, self.cfg.retain, fmt="sft")
@@ -125,14 +184,10 @@ class TextTask:
                          key=_content_key(train))
 
     def configure_stage(self, stage: StageConfig) -> None:
-        kwargs = dict(self.cfg.loss.kwargs)
-        if stage.loss:
-            extra = dict(stage.loss)
-            kwargs.update(extra.pop("kwargs", {}))
-            self.sft_weight = extra.pop("sft_weight", self.sft_weight)
-            if extra:
-                raise ValueError(f"stage {stage.name!r}: loss overrides may set kwargs and sft_weight; got {extra}")
-        self.loss_kwargs = kwargs
+        """Apply ``stage.loss`` (name, kwargs, sft_weight, retain_weight; all checked in ``__init__``)."""
+        name, self.loss_kwargs, self.sft_weight, self.retain_weight = _stage_loss(self.cfg, stage)
+        self.method = get_text_method(name)
+        self.needs_reference = self.method.needs_reference
 
     # -- scores and loss ----------------------------------------------------------------------------------
     def score(self, model: nn.Module, batch: TextBatch) -> Scores:
@@ -149,17 +204,39 @@ class TextTask:
 
     # -- model lifecycle ----------------------------------------------------------------------------------
     def save_pretrained(self, model: nn.Module, path: Path) -> None:
+        """``save_pretrained`` the model and tokenizer. A LoRA policy is saved as its adapter (TRL's layout);
+        when the adapter's base exists only in memory (a random ``tiny`` model, or a base that earlier stages'
+        adapters were merged into) that base is saved to ``path/base`` too and the adapter points at it, so
+        ``load_causal_lm(path)`` / ``PeftModel.from_pretrained`` reproduce the trained model."""
+        from ..models.text import ValueHeadModel
+
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        peft_model = model.base if isinstance(model, ValueHeadModel) else model  # reward models: LM in .base
+        if hasattr(peft_model, "peft_config") and (self.cfg.model.name_or_path == "tiny" or self.merged):
+            base_dir = (path / "base").resolve()
+            inner = peft_model.get_base_model()
+            # The base's own weights: drop the LoRA factors, undo peft's `.base_layer` renaming.
+            state = {k.replace(".base_layer.", "."): v for k, v in inner.state_dict().items() if "lora_" not in k}
+            inner.save_pretrained(str(base_dir), state_dict=state)
+            self.tokenizer.save_pretrained(str(base_dir))
+            for adapter_cfg in peft_model.peft_config.values():
+                adapter_cfg.base_model_name_or_path = str(base_dir)
         model.save_pretrained(str(path))
         self.tokenizer.save_pretrained(str(path))
 
     def merge_lora(self) -> None:
-        from ..models.text import apply_lora
+        from ..models.text import ValueHeadModel, apply_lora
 
-        if not hasattr(self.model, "merge_and_unload"):
-            raise ValueError("stage.merge_lora needs lora.enabled=true")
-        self.model = self.model.merge_and_unload()
+        holder = self.model if isinstance(self.model, ValueHeadModel) else None  # reward models: LoRA on .base
+        peft_model = holder.base if holder is not None else self.model
+        if not hasattr(peft_model, "merge_and_unload"):
+            raise ConfigError("stage.merge_lora needs lora.enabled=true")
         lc = self.cfg.lora
-        self.model = apply_lora(self.model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout,
-                                target_modules=lc.target_modules)
+        merged = apply_lora(peft_model.merge_and_unload(), r=lc.r, alpha=lc.alpha, dropout=lc.dropout,
+                            target_modules=lc.target_modules)
+        self.merged = True
+        if holder is not None:
+            holder.base = merged
+        else:
+            self.model = merged

@@ -7,13 +7,15 @@ row here; the loop and the adapter do not change.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
 from .. import losses as L
 from ..adapters.base import Scores
+from ..config import ConfigError
 from ..losses import LossOutput
 
 
@@ -26,6 +28,7 @@ class TextMethod:
     value_head: bool = False
     mismatched_kl: bool = False  # KTO: score prompt i with completion i+1 too (reference point z0)
     citation: str = ""
+    loss_fn: Callable[..., LossOutput] | None = None  # the pure loss whose keyword options loss.kwargs sets
 
 
 def _chosen_nll(p: Scores) -> torch.Tensor:
@@ -130,31 +133,58 @@ def _sft(p: Scores, r, batch, kw: dict) -> LossOutput:
 TEXT_METHODS: dict[str, TextMethod] = {
     m.name: m
     for m in [
-        TextMethod("dpo", "pairs", True, _dpo, citation="arXiv 2305.18290 (+ TRL loss_type variants)"),
-        TextMethod("simpo", "pairs", False, _simpo, citation="arXiv 2405.14734"),
-        TextMethod("alphapo", "pairs", False, _alphapo, citation="arXiv 2501.03884"),
-        TextMethod("cpo", "pairs", False, _cpo, citation="arXiv 2401.08417"),
-        TextMethod("orpo", "pairs", False, _orpo, citation="arXiv 2403.07691"),
-        TextMethod("slic", "pairs", False, _slic, citation="arXiv 2305.10425"),
-        TextMethod("kto", "unpaired", True, _kto, mismatched_kl=True, citation="arXiv 2402.01306"),
-        TextMethod("bco", "unpaired", True, _bco, citation="arXiv 2404.04656"),
-        TextMethod("npo", "sft", True, _npo, citation="arXiv 2404.05868"),
-        TextMethod("simnpo", "sft", False, _simnpo, citation="arXiv 2410.07163"),
-        TextMethod("gradient_ascent", "sft", False, _gradient_ascent),
-        TextMethod("plackett_luce", "ranked", True, _plackett_luce, citation="arXiv 2305.18290 App. A.3"),
-        TextMethod("rm", "pairs", False, _reward_model, value_head=True, citation="Bradley-Terry, TRL RewardTrainer"),
-        TextMethod("sft", "sft", False, _sft),
+        TextMethod("dpo", "pairs", True, _dpo, citation="arXiv 2305.18290 (+ TRL loss_type variants)", loss_fn=L.dpo),
+        TextMethod("simpo", "pairs", False, _simpo, citation="arXiv 2405.14734", loss_fn=L.simpo),
+        TextMethod("alphapo", "pairs", False, _alphapo, citation="arXiv 2501.03884", loss_fn=L.alphapo),
+        TextMethod("cpo", "pairs", False, _cpo, citation="arXiv 2401.08417", loss_fn=L.cpo),
+        TextMethod("orpo", "pairs", False, _orpo, citation="arXiv 2403.07691", loss_fn=L.orpo),
+        TextMethod("slic", "pairs", False, _slic, citation="arXiv 2305.10425", loss_fn=L.slic),
+        TextMethod("kto", "unpaired", True, _kto, mismatched_kl=True, citation="arXiv 2402.01306", loss_fn=L.kto),
+        TextMethod("bco", "unpaired", True, _bco, citation="arXiv 2404.04656", loss_fn=L.bco),
+        TextMethod("npo", "sft", True, _npo, citation="arXiv 2404.05868", loss_fn=L.npo),
+        TextMethod("simnpo", "sft", False, _simnpo, citation="arXiv 2410.07163", loss_fn=L.simnpo),
+        TextMethod("gradient_ascent", "sft", False, _gradient_ascent, loss_fn=L.gradient_ascent),
+        TextMethod("plackett_luce", "ranked", True, _plackett_luce, citation="arXiv 2305.18290 App. A.3",
+                   loss_fn=L.plackett_luce),
+        TextMethod("rm", "pairs", False, _reward_model, value_head=True, citation="Bradley-Terry, TRL RewardTrainer",
+                   loss_fn=L.bradley_terry),
+        TextMethod("sft", "sft", False, _sft, loss_fn=L.nll),
     ]
 }
 
 UNLEARNING = {"npo", "simnpo", "gradient_ascent"}
+
+# Keyword arguments the recipes fill from the batch (tensors); everything else keyword-only is a user option.
+_FROM_BATCH = {"chosen_lengths", "rejected_lengths", "nll_loss", "kl_ref_point", "lengths", "margin",
+               "candidate_mask", "sample_weight", "soft_target", "pair_weights", "udm_weight"}
 
 
 def get_text_method(name: str) -> TextMethod:
     try:
         return TEXT_METHODS[name]
     except KeyError:
-        raise ValueError(f"loss.name={name!r} is not a text method; valid: {sorted(TEXT_METHODS)}") from None
+        raise ConfigError(f"loss.name={name!r} is not a text method; valid: {sorted(TEXT_METHODS)}") from None
+
+
+def loss_options(method: TextMethod) -> dict[str, inspect.Parameter]:
+    """The keyword options of the method's loss that ``loss.kwargs`` may set (name -> parameter)."""
+    if method.loss_fn is None:
+        return {}
+    params = inspect.signature(method.loss_fn).parameters.values()
+    return {p.name: p for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _FROM_BATCH}
+
+
+def check_loss_kwargs(method: TextMethod, kwargs: Mapping, where: str = "loss.kwargs") -> list[str]:
+    """Unknown and missing required loss options, checked before the model is trained: without this a typo
+    (``betta``) or a required option left out (AlphaPO's ``alpha``) surfaced as a TypeError at step 1."""
+    if method.loss_fn is None:
+        return []
+    options = loss_options(method)
+    errors = [f"{where}.{k}: not an option of loss {method.name!r}; valid: {sorted(options)}"
+              for k in kwargs if k not in options]
+    errors += [f"{where}.{name}: loss {method.name!r} needs a value (no default); set {where}.{name}=..."
+               for name, p in options.items() if p.default is inspect.Parameter.empty and name not in kwargs]
+    return errors
 
 
 def text_loss(method: TextMethod, policy: Scores, ref: Scores | None, batch, kwargs: dict, *,

@@ -57,7 +57,8 @@ def generate(
                                                  tokenize=True) for p in chunk]
             ids = [x["input_ids"] if isinstance(x, dict) else list(x) for x in ids]
         else:
-            ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in chunk]
+            # with special tokens (BOS for Llama-style tokenizers), as the text encoder tokenises training prompts
+            ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in chunk]
         width = max(len(x) for x in ids)
         input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
         attn = torch.zeros((len(ids), width), dtype=torch.long)

@@ -5,15 +5,22 @@ A method recipe builds a :class:`Task` (model + data + adapter + loss); :func:`f
 evaluate → checkpoint. Distribution (DDP, FSDP, DeepSpeed) is accelerate's; mixed precision is accelerate's
 autocast while every loss computes in fp32.
 
-Exact resume: data order comes from :class:`~mmalign.train.data_order.BatchOrder` (seeded per epoch, position
-saved), RNG/optimizer/model states from ``accelerator.save_state``, and the scheduler, loop position and
-moving-reference weights from our own files in the same atomic checkpoint.
+Exact resume (bit-identical weights on CPU with ``run.deterministic``; tests/train/test_resume.py): data order
+comes from :class:`~mmalign.train.data_order.BatchOrder` (seeded per epoch, position saved),
+RNG/optimizer/model states from ``accelerator.save_state``, and the scheduler, loop position, last metrics and
+reference state (moving or re-anchored weights, the precomputed tables trained against) from our own files in
+the same atomic checkpoint. Stages finished before the checkpoint are skipped, their LoRA merges replayed.
+Evaluation runs under a forked RNG, so it never shifts training's random stream.
+
+Data parallelism: N processes × batch b × grad_accum A take the same samples per optimizer step as one process
+with batch b and accumulation N·A, and average the same per-example losses (tests/train/test_distributed.py).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -24,6 +31,7 @@ import torch
 from torch import nn
 
 from ..adapters.base import Scores
+from ..config import ConfigError
 from ..losses import LossOutput
 from ..schema import StageConfig, TrainConfig
 from . import checkpoint as ckpt
@@ -36,6 +44,7 @@ from .reference import (
     MovingReference,
     PrecomputedReference,
     Reference,
+    batches_hash,
 )
 
 log = logging.getLogger(__name__)
@@ -49,8 +58,9 @@ class StageData:
     collate: Any  # list[example] -> batch with .to(device) and .extras
     eval: Any = None
     aux: Any = None  # e.g. the retain set of an unlearning run
-    stats: dict = field(default_factory=dict)
-    key: str = ""  # content hash, for reference-score caching
+    stats: dict = field(default_factory=dict)  # flat numeric data stats (rows read/used/skipped, ...), logged
+    key: str = ""  # content hash of ``train``, for reference-score caching ("" : hashed from the batches)
+    eval_key: str = ""  # the same for ``eval``
 
 
 class Task(Protocol):
@@ -95,8 +105,7 @@ def _stage_steps(stage: StageConfig, cfg: TrainConfig, order: BatchOrder) -> int
     if stage.max_steps:
         return stage.max_steps
     epochs = stage.epochs if stage.epochs is not None else cfg.run.epochs
-    per_epoch = order.batches_per_epoch // cfg.run.grad_accum
-    return max(1, math.ceil(epochs * per_epoch))
+    return max(1, math.ceil(epochs * order.steps_per_epoch))
 
 
 def _collate_with_index(collate, dataset, indices: list[int]):
@@ -137,15 +146,42 @@ def _make_reference(task: Task, cfg: TrainConfig) -> Reference:
     raise ValueError(f"unknown reference.strategy={strategy!r}")
 
 
-def _precompute(ref: PrecomputedReference, task: Task, data, collate, key: str, cfg: TrainConfig, accelerator,
-                split: str) -> PrecomputedReference:
-    """Score the whole dataset once with the current policy (adapter disabled with LoRA) and cache it."""
-    out = PrecomputedReference(ref.cache_dir, data_key=f"{split}:{key}")
+def _stage_precomputed(ref: PrecomputedReference, task: Task, data: StageData, cfg: TrainConfig, accelerator,
+                       anchors: dict[str, str], drifts: bool) -> tuple[PrecomputedReference, PrecomputedReference]:
+    """Train and eval reference tables of a stage, scored once by the policy (adapter disabled with LoRA).
+
+    ``anchors`` maps data keys to the tables scored since the reference was last anchored (run start, a
+    re-anchored stage, a LoRA merge): a later stage on the same data reuses them, so the reference stays the
+    anchor as with ``copy``; the map is checkpointed, so a resumed run reads the very tables it trained
+    against instead of rescoring with the weights it has at restart. New data in a later stage without LoRA
+    can only be scored by the current policy (the anchor weights are not kept): ``drifts`` warns about it.
+    The data key is the task's content key, or else a hash of the collated batches (so that a changed eval
+    file, say, never reuses the old scores)."""
     bs = cfg.run.batch_size
-    batches = (_collate_with_index(collate, data, list(range(i, min(i + bs, len(data)))))
-               for i in range(0, len(data), bs))
-    out.build(task.model, task.score, batches, adapter_disabled=cfg.lora.enabled, device=accelerator.device)
-    return out
+
+    def table(split: str, dataset, key: str) -> PrecomputedReference:
+        def batches():
+            return (_collate_with_index(data.collate, dataset, list(range(i, min(i + bs, len(dataset)))))
+                    for i in range(0, len(dataset), bs))
+
+        data_key = f"{split}:{key or batches_hash(batches())}"
+        out = PrecomputedReference(ref.cache_dir, data_key=data_key)
+        if data_key in anchors:
+            out.load_state_dict({"path": anchors[data_key]})
+        else:
+            if drifts:
+                log.warning("reference.strategy=precomputed: this stage's %s data is new and is scored by the current "
+                            "policy (the initial weights are not kept), so the reference re-anchors here; set "
+                            "reanchor_reference: true to make it explicit, or use reference.strategy=copy", split)
+            out.build(task.model, task.score, batches(), adapter_disabled=cfg.lora.enabled, device=accelerator.device)
+        anchors[data_key] = str(out.path)
+        return out
+
+    train_ref = table("train", data.train, data.key)
+    eval_ref = train_ref
+    if data.eval is not None and len(data.eval):
+        eval_ref = table("eval", data.eval, data.eval_key)
+    return train_ref, eval_ref
 
 
 def _mean_metrics(items: list[dict]) -> dict[str, float]:
@@ -158,6 +194,11 @@ def _mean_metrics(items: list[dict]) -> dict[str, float]:
 
 @torch.no_grad()
 def evaluate(task: Task, model, data: StageData, reference: Reference, cfg: TrainConfig, accelerator) -> dict:
+    """Mean loss and metrics over the eval set (every process evaluates all of it; results are identical).
+
+    Runs under a forked RNG with a fixed seed: methods that sample during scoring (diffusion noise and
+    timesteps) get the same draws at every evaluation, and training's random stream is the same whether or
+    not (and how often) the run evaluated, which keeps resumed runs exact."""
     if data.eval is None or len(data.eval) == 0:
         return {}
     model.eval()
@@ -165,16 +206,42 @@ def evaluate(task: Task, model, data: StageData, reference: Reference, cfg: Trai
     n_batches = math.ceil(len(data.eval) / bs)
     if cfg.run.eval_batches:
         n_batches = min(n_batches, cfg.run.eval_batches)
-    for b in range(n_batches):
-        idx = list(range(b * bs, min((b + 1) * bs, len(data.eval))))
-        batch = _collate_with_index(data.collate, data.eval, idx).to(accelerator.device)
-        with accelerator.autocast():
-            pol = model(batch)
-            ref = reference.scores(batch) if task.needs_reference else None
-            out = task.loss(pol, ref, batch)
-        rows.append({"loss": out.loss.item(), **{k: v.item() for k, v in out.metrics.items()}})
+    dev = accelerator.device
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(cfg.run.seed + 104_729)
+        for b in range(n_batches):
+            idx = list(range(b * bs, min((b + 1) * bs, len(data.eval))))
+            batch = _collate_with_index(data.collate, data.eval, idx).to(dev)
+            with accelerator.autocast():
+                pol = model(batch)
+                ref = reference.scores(batch) if task.needs_reference else None
+                out = task.loss(pol, ref, batch)
+            rows.append({"loss": out.loss.item(), **{k: v.item() for k, v in out.metrics.items()}})
     model.train()
     return {f"eval/{k}": v for k, v in _mean_metrics(rows).items()}
+
+
+def _check_resume(state: dict, stages: list[StageConfig], path: Path) -> None:
+    names, idx = [s.name for s in stages], state["stage_idx"]
+    saved = state.get("stage_names")
+    if saved is not None and saved[: idx + 1] != names[: idx + 1]:
+        problem = f"the checkpoint was written by a run with stages {saved}, this config has {names}"
+    elif idx >= len(stages):
+        problem = f"the checkpoint is in stage {idx} but this config has {len(stages)} stage(s)"
+    else:
+        return  # stages after the checkpoint's may change (e.g. a stage appended to a finished run)
+    raise ConfigError(f"run.resume: {problem}; resume with the config that wrote it, or start over with "
+                      "run.resume=never or a new run.output_dir", source=str(path))
+
+
+def _log_data_stats(logger: MetricsLogger, step: int, stage: StageConfig, stats: dict, main: bool) -> None:
+    # As metrics (floats), so that TensorBoard/wandb get the row counts too, under the stats' own names.
+    logger.log(step, dict(stats), event="data", stage=stage.name)
+    skipped = {k: v for k, v in stats.items() if k.endswith("rows_skipped") and v}
+    if skipped and main:
+        reasons = {k: v for k, v in stats.items() if "skipped/" in k and v}
+        log.warning("stage %r: skipped bad rows %s (data.skip_bad_rows=true); reasons: %s", stage.name, skipped,
+                    reasons)
 
 
 def fit(task: Task, cfg: TrainConfig, accelerator=None) -> dict:
@@ -183,42 +250,64 @@ def fit(task: Task, cfg: TrainConfig, accelerator=None) -> dict:
     from accelerate.utils import set_seed
 
     out_dir = Path(cfg.run.output_dir)
-    accelerator = accelerator or Accelerator(mixed_precision=cfg.run.mixed_precision,
-                                             gradient_accumulation_steps=cfg.run.grad_accum)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator is None:
+        # accelerate sets up gloo for a launcher's CPU-only processes only when told cpu=True; without it,
+        # `torchrun --nproc_per_node N` on a CPU machine runs N independent copies into one output_dir.
+        cpu = {"cpu": True} if launched > 1 and not _has_accelerator_device() else {}
+        accelerator = Accelerator(mixed_precision=cfg.run.mixed_precision,
+                                  gradient_accumulation_steps=cfg.run.grad_accum, **cpu)
+    if launched > 1 and accelerator.num_processes != launched:
+        raise RuntimeError(f"launched with WORLD_SIZE={launched} but accelerate set up {accelerator.num_processes} "
+                           "process(es): the processes would train independent copies; launch with `accelerate "
+                           "launch` (add --cpu on a machine without GPUs) or check the launcher's environment")
+    if accelerator.gradient_accumulation_steps != cfg.run.grad_accum:
+        # accelerator.backward divides the loss by its own count: a mismatch would mis-scale every gradient.
+        raise ValueError(f"the accelerator accumulates {accelerator.gradient_accumulation_steps} micro-batches but "
+                         f"run.grad_accum={cfg.run.grad_accum}; create it with gradient_accumulation_steps="
+                         f"{cfg.run.grad_accum} or let fit() create it")
     set_seed(cfg.run.seed)
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     stages = resolve_stages(cfg)
+    if accelerator.is_main_process:
+        ckpt.clean_incomplete(out_dir)
     resume_from = ckpt.find_resume_checkpoint(out_dir, cfg.run.resume)
     resume_state = ckpt.read_state(resume_from) if resume_from else None
+    if resume_state:
+        _check_resume(resume_state, stages, resume_from)
     logger = MetricsLogger(out_dir, cfg.run.report_to, enabled=accelerator.is_main_process)
     reference = _make_reference(task, cfg)
     global_step, summary, t0 = 0, {"stages": []}, time.time()
-    last_eval: dict = {}
+    stage_steps: list[int] = []  # steps of the stages finished so far (checkpoints need it to skip them)
+    anchors: dict[str, str] = {}  # precomputed reference tables of the current anchor (see _stage_precomputed)
+    procs = dict(world_size=accelerator.num_processes, rank=accelerator.process_index, grad_accum=cfg.run.grad_accum)
 
     for stage_idx, stage in enumerate(stages):
-        if resume_state and stage_idx < resume_state["stage_idx"]:
-            global_step += resume_state["stage_steps"][stage_idx]
-            summary["stages"].append({"name": stage.name, "skipped_on_resume": True})
-            continue  # finished before the interruption; its effect is in the checkpointed weights
         if stage_idx > 0 and stage.merge_lora:
+            # Replayed for stages finished before a resume too: the checkpoint holds the merged structure.
             task.merge_lora()
             if isinstance(reference, AdapterReference):
                 reference = AdapterReference(task.model, task.score)
+        if resume_state and stage_idx < resume_state["stage_idx"]:
+            n_done = resume_state["stage_steps"][stage_idx]
+            global_step += n_done
+            stage_steps.append(n_done)
+            summary["stages"].append({"name": stage.name, "steps": n_done, "skipped_on_resume": True})
+            continue  # finished before the interruption; its effect is in the checkpointed weights
+        resuming = resume_state is not None and stage_idx == resume_state["stage_idx"]
         task.configure_stage(stage)
         data = task.stage_data(stage)
-        if accelerator.is_main_process and data.stats:
-            logger.log(global_step, {}, event="data", stage=stage.name, **data.stats)
+        if data.stats:
+            _log_data_stats(logger, global_step, stage, data.stats, accelerator.is_main_process)
         if stage_idx > 0 and stage.reanchor_reference:
             reference.reanchor(task.model)
 
-        order = BatchOrder(len(data.train), cfg.run.batch_size, seed=cfg.run.seed + 7919 * stage_idx,
-                           world_size=accelerator.num_processes, rank=accelerator.process_index)
+        order = BatchOrder(len(data.train), cfg.run.batch_size, seed=cfg.run.seed + 7919 * stage_idx, **procs)
         n_steps = _stage_steps(stage, cfg, order)
         aux_order = None
-        if data.aux is not None:
-            aux_order = BatchOrder(len(data.aux), cfg.run.batch_size, seed=cfg.run.seed + 1,
-                                   world_size=accelerator.num_processes, rank=accelerator.process_index)
+        if data.aux is not None:  # one aux micro-batch per train micro-batch, in lockstep
+            aux_order = BatchOrder(len(data.aux), cfg.run.batch_size, seed=cfg.run.seed + 1, **procs)
 
         accelerator._models.clear()  # one model/optimizer pair per stage (a LoRA merge changes the parameters)
         accelerator._optimizers.clear()
@@ -226,23 +315,30 @@ def fit(task: Task, cfg: TrainConfig, accelerator=None) -> dict:
         scheduler = build_scheduler(optimizer, cfg.optim, n_steps)
         model, optimizer = accelerator.prepare(_Scorer(task.model, task.score), optimizer)
 
+        saved = ckpt.read_extra(resume_from) if resuming else {}
         eval_ref = reference
         if isinstance(reference, PrecomputedReference):
-            reference = _precompute(reference, task, data.train, data.collate, data.key, cfg, accelerator, "train")
-            if data.eval is not None:
-                eval_ref = _precompute(reference, task, data.eval, data.collate, data.key, cfg, accelerator, "eval")
+            anchored = stage_idx > 0 and (stage.reanchor_reference or stage.merge_lora)
+            if resuming:
+                anchors = dict(saved.get("anchor_tables", {}))
+            elif anchored:
+                anchors = {}
+            drifts = stage_idx > 0 and not anchored and not cfg.lora.enabled
+            reference, eval_ref = _stage_precomputed(reference, task, data, cfg, accelerator, anchors, drifts)
             summary["reference_cache_reused"] = reference.reused
 
-        step_in_stage = 0
-        if resume_state and stage_idx == resume_state["stage_idx"]:
-            extra = ckpt.load_checkpoint(accelerator, resume_from)
-            scheduler.load_state_dict(extra["scheduler"])
-            reference.load_state_dict(extra.get("reference", {}))
+        step_in_stage, metrics, stage_eval, eval_step = 0, {}, {}, -1
+        if resuming:
+            ckpt.load_checkpoint(accelerator, resume_from)  # weights, optimizer, RNG, accelerate's step counter
+            scheduler.load_state_dict(saved["scheduler"])
+            if not isinstance(reference, PrecomputedReference):
+                reference.load_state_dict(saved.get("reference", {}))
             order.load_state_dict(resume_state["order"])
             if aux_order is not None and resume_state.get("aux_order"):
                 aux_order.load_state_dict(resume_state["aux_order"])
-            step_in_stage = resume_state["step_in_stage"]
-            global_step = resume_state["global_step"]
+            step_in_stage, global_step = resume_state["step_in_stage"], resume_state["global_step"]
+            metrics, stage_eval = resume_state.get("metrics", {}), resume_state.get("eval", {})
+            eval_step = resume_state.get("eval_step", -1)
             logger.log(global_step, {}, event="resumed", checkpoint=str(resume_from))
             resume_state = None
 
@@ -251,10 +347,13 @@ def fit(task: Task, cfg: TrainConfig, accelerator=None) -> dict:
         progress = _progress(cfg, accelerator, n_steps, step_in_stage, stage.name)
         model.train()
         while step_in_stage < n_steps:
-            step_metrics = []
+            step_metrics, grad_norm = [], None
             for _ in range(cfg.run.grad_accum):
                 batch = next(batches)
                 aux_batch = next(aux_batches) if aux_batches else None
+                # accumulate(): no DDP all-reduce and no optimizer step except on the last micro-batch, and
+                # accelerator.backward divides each micro-batch loss by grad_accum, so the step's gradient is
+                # the mean over all grad_accum × processes × batch_size examples (for per-example-mean losses).
                 with accelerator.accumulate(model), accelerator.autocast():
                     pol = model(batch)
                     ref = reference.scores(batch) if task.needs_reference else None
@@ -265,12 +364,12 @@ def fit(task: Task, cfg: TrainConfig, accelerator=None) -> dict:
                             f"non-finite loss {out.loss.item()} at step {global_step + 1} (stage {stage.name!r}); "
                             "lower optim.lr, enable optim.max_grad_norm, or check the data")
                     accelerator.backward(out.loss)
-                    grad_norm = None
                     if accelerator.sync_gradients and cfg.optim.max_grad_norm:
                         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 step_metrics.append({"loss": out.loss.detach(), **out.metrics})
+            lr = scheduler.get_last_lr()[0]  # the rate this step used (read before the scheduler moves on)
             scheduler.step()
             step_in_stage += 1
             global_step += 1
@@ -280,38 +379,50 @@ def fit(task: Task, cfg: TrainConfig, accelerator=None) -> dict:
             metrics = {k: _reduce(accelerator, v) for k, v in metrics.items()}
             if grad_norm is not None:
                 metrics["grad_norm"] = float(grad_norm)
-            metrics["lr"] = scheduler.get_last_lr()[0]
+            metrics["lr"] = lr
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "rewards/accuracies") if k in metrics})
             if global_step % cfg.run.log_every == 0 or step_in_stage == n_steps:
                 logger.log(global_step, metrics, stage=stage.name, epoch=order.epoch)
             if cfg.run.eval_every and global_step % cfg.run.eval_every == 0:
-                last_eval = evaluate(task, model, data, eval_ref, cfg, accelerator)
-                logger.log(global_step, last_eval, stage=stage.name)
+                stage_eval, eval_step = evaluate(task, model, data, eval_ref, cfg, accelerator), global_step
+                if stage_eval:
+                    logger.log(global_step, stage_eval, stage=stage.name)
             if cfg.run.save_every and global_step % cfg.run.save_every == 0:
                 state = {"global_step": global_step, "stage_idx": stage_idx, "step_in_stage": step_in_stage,
-                         "stage_steps": summary.get("stage_steps", []) + [n_steps],
-                         "order": order.state_dict(), "aux_order": aux_order.state_dict() if aux_order else None}
+                         "stage_names": [s.name for s in stages], "stage_steps": [*stage_steps, n_steps],
+                         "order": order.state_dict(), "aux_order": aux_order.state_dict() if aux_order else None,
+                         "metrics": metrics, "eval": stage_eval, "eval_step": eval_step}
+                extra = {"scheduler": scheduler.state_dict(), "reference": reference.state_dict(),
+                         "anchor_tables": anchors}
                 ckpt.save_checkpoint(accelerator, out_dir, global_step, state, keep_last=cfg.run.keep_last,
-                                     extra={"scheduler": scheduler.state_dict(), "reference": reference.state_dict()})
+                                     extra=extra)
         if progress is not None:
             progress.close()
-        summary.setdefault("stage_steps", []).append(n_steps)
-        last_eval = evaluate(task, model, data, eval_ref, cfg, accelerator) or last_eval
-        if last_eval:
-            logger.log(global_step, last_eval, stage=stage.name)
-        summary["stages"].append({"name": stage.name, "steps": n_steps, "final": metrics, "eval": last_eval})
+        stage_steps.append(n_steps)
+        if eval_step != global_step:  # the end-of-stage evaluation, unless eval_every just did it
+            stage_eval = evaluate(task, model, data, eval_ref, cfg, accelerator) or stage_eval
+            if stage_eval:
+                logger.log(global_step, stage_eval, stage=stage.name)
+        summary["stages"].append({"name": stage.name, "steps": n_steps, "final": metrics, "eval": stage_eval,
+                                  "data": dict(data.stats)})
 
     accelerator.wait_for_everyone()
     if cfg.run.save_final and accelerator.is_main_process:
         final = out_dir / "final"
         task.save_pretrained(task.model, final)
         summary["final_model"] = str(final)
+    accelerator.wait_for_everyone()  # no process returns (and reads final/) before it is written
     logger.close()
-    summary.update(global_step=global_step, seconds=round(time.time() - t0, 2), output_dir=str(out_dir),
-                   metrics_file=str(logger.path))
+    summary.update(global_step=global_step, stage_steps=stage_steps, seconds=round(time.time() - t0, 2),
+                   output_dir=str(out_dir), metrics_file=str(logger.path))
     return summary
+
+
+def _has_accelerator_device() -> bool:
+    acc = getattr(torch, "accelerator", None)  # torch >= 2.6: cuda, xpu, mps, ...
+    return bool(acc.is_available()) if acc is not None else torch.cuda.is_available()
 
 
 def _reduce(accelerator, value: float) -> float:

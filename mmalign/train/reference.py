@@ -8,7 +8,9 @@ the new reference at a stage boundary. Strategies:
 - ``adapter``: the policy itself with its PEFT adapter disabled (no second copy; TRL's PEFT path);
 - ``precomputed``: reference scores computed once before training and cached on disk, keyed by a hash of
   the data and of the reference weights, so later runs reuse them and any change invalidates them; works
-  for every modality (TRL refuses it for vision data);
+  for every modality (TRL refuses it for vision data). Across stages the loop reuses the anchor's tables for
+  the same data; a later stage's *new* data (without LoRA) can only be scored by the current policy, an
+  implicit re-anchor that the loop warns about (``copy`` keeps the initial policy instead);
 - ``sync``: TR-DPO (arXiv 2404.09656): every ``sync_every`` steps ref ← α·policy + (1−α)·ref;
 - ``ema``: ref ← decay·ref + (1−decay)·policy after every step;
 - ``none``: reference-free losses; the loop skips the reference forward entirely.
@@ -17,9 +19,11 @@ the new reference at a stage boundary. Strategies:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from pathlib import Path
@@ -161,6 +165,24 @@ def tensor_hash(tensors: Iterable[torch.Tensor], h=None) -> str:
     return h.hexdigest()
 
 
+def _batch_tensors(batch) -> Iterable[torch.Tensor]:
+    values = ([getattr(batch, f.name) for f in dataclasses.fields(batch)] if dataclasses.is_dataclass(batch)
+              else list(vars(batch).values()))
+    for v in values:
+        if torch.is_tensor(v):
+            yield v
+        elif isinstance(v, dict):
+            yield from (v[k] for k in sorted(v) if torch.is_tensor(v[k]))
+
+
+def batches_hash(batches: Iterable) -> str:
+    """sha256 over every tensor of collated batches: a content key for data the task gave no key for."""
+    h = hashlib.sha256()
+    for batch in batches:
+        tensor_hash(_batch_tensors(batch), h)
+    return h.hexdigest()
+
+
 def model_hash(model: nn.Module) -> str:
     return tensor_hash(v for _, v in sorted(_unwrap(model).state_dict().items()))
 
@@ -206,11 +228,28 @@ class PrecomputedReference(Reference):
         logps = torch.stack([chunks[i][0] for i in range(n)])
         self.table = Scores(logps=logps)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
+        # Per-process temporary name: under DDP every rank builds the same table and may write it at once.
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
         torch.save({"logps": logps}, tmp)
         tmp.replace(self.path)  # atomic: a crash never leaves a half-written cache behind
         (self.cache_dir / "index.json").write_text(json.dumps({"latest": self.path.name}))
         self.reused = False
+
+    # The checkpoint records which cache file the run trained against, so that a resumed run reads the same
+    # table instead of rebuilding it from the weights it has at restart (which, after a stage boundary, are
+    # not the weights the table was scored with).
+    def state_dict(self) -> dict:
+        return {"path": str(self.path)} if self.path is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state.get("path"):
+            return
+        path = Path(state["path"])
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"the checkpoint's reference scores {path} are gone (reference.cache_dir was cleaned or moved); "
+                "restore the file, or resume with run.resume=never")
+        self.path, self.table, self.reused = path, Scores(**torch.load(path, weights_only=True)), True
 
     def scores(self, batch) -> Scores:
         if self.table is None:

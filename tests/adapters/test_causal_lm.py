@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mmalign.adapters import causal_lm
 from mmalign.adapters.base import TextBatch
 from mmalign.adapters.causal_lm import score_batch, score_batch_naive, token_kl_chunked
 from mmalign.models.text import ValueHeadModel, apply_lora, build_tiny_causal_lm
@@ -113,18 +114,41 @@ def test_prompt_runs_once_and_padding_candidates_never_reach_the_model():
     assert calls[1][0] == int(batch.candidate_mask.sum()) == 8  # one row per real candidate
 
 
-def test_logits_are_materialised_in_bounded_chunks_at_completion_positions_only():
+@pytest.mark.parametrize("path", ["fused", "module"])
+def test_logits_are_materialised_in_bounded_chunks_at_completion_positions_only(path, monkeypatch):
+    """``fused``: a plain ``nn.Linear`` head goes through ``_LinearTargetLogps`` (rows counted at its logits
+    helper); ``module``: a forward hook on ``lm_head`` makes the adapter call the module under checkpointing
+    (the path for LoRA'd, quantized or hooked heads). Either way no ``[rows, V]`` tensor is kept for backward."""
     model = build_tiny_causal_lm(VOCAB, **TINY).train()
     batch = make_batch(B=3, K=3)
     rows = []
-    handle = model.lm_head.register_forward_hook(lambda mod, inp, out: rows.append(out.shape[0]))
-    scores = score_batch(model, batch, chunk_size=4)
+    if path == "module":
+        handle = model.lm_head.register_forward_hook(lambda mod, inp, out: rows.append(out.shape[0]))
+    else:
+        original = causal_lm._linear_logits
+
+        def counting(hidden, weight, bias):
+            rows.append(hidden.shape[0])
+            return original(hidden, weight, bias)
+
+        monkeypatch.setattr(causal_lm, "_linear_logits", counting)
+    saved_vocab_rows = []
+
+    def pack(t):
+        if t.dim() >= 2 and t.shape[-1] == VOCAB:
+            saved_vocab_rows.append(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        scores = score_batch(model, batch, chunk_size=4)
     n_forward = len(rows)
     scores.logps.sum().backward()
-    handle.remove()
+    if path == "module":
+        handle.remove()
     assert max(rows) <= 4
     assert sum(rows[:n_forward]) == int(scores.lengths.sum())  # only scored completion positions
     assert len(rows) == 2 * n_forward  # backward recomputes each chunk instead of storing its logits
+    assert saved_vocab_rows == []
 
 
 def test_gradient_checkpointing_falls_back_to_concatenated_path():
@@ -255,3 +279,49 @@ def test_other_model_families_equal_naive(family):
     ref = score_batch_naive(model, batch)
     for share in (True, False):
         _assert_same(score_batch(model, batch, share_prompt=share, chunk_size=4), ref)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gpt2"])
+def test_other_model_families_gradients_equal_naive(family):
+    """Gemma 2 runs its logit soft-capping through the fused head's backward; GPT-2 ties ``lm_head`` to the
+    input embedding, so both gradient contributions must land on the one parameter. (Eval mode: GPT-2 has
+    dropout; gradients flow all the same.)"""
+    model = _other_family(family)
+    batch = make_batch(K=2)
+    ref = _grads(model, score_batch_naive, batch)
+    fast = _grads(model, lambda m, b: score_batch(m, b, chunk_size=4), batch)
+    torch.testing.assert_close(fast, ref, atol=ATOL, rtol=1e-4)
+
+
+def test_lora_on_lm_head_uses_the_module_path_with_equal_gradients():
+    model = apply_lora(build_tiny_causal_lm(VOCAB, **TINY), r=4, alpha=8, target_modules=["q_proj", "lm_head"])
+    assert causal_lm._plain_linear(causal_lm.unwrap_causal_lm(model).lm_head) is None
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.2)
+    batch = make_batch(K=2)
+    model.train()
+    ref = _grads(model, score_batch_naive, batch)
+    torch.testing.assert_close(_grads(model, lambda m, b: score_batch(m, b, chunk_size=3), batch), ref,
+                               atol=ATOL, rtol=1e-4)
+
+
+def test_fused_head_under_bf16_autocast_matches_module_path():
+    """Autocast state is replayed for the backward recomputation: logps are identical to calling the module,
+    gradients agree to bf16 precision."""
+    model = build_tiny_causal_lm(VOCAB, **TINY).train()
+    batch = make_batch(K=2)
+
+    def run(module_path: bool):
+        handle = model.lm_head.register_forward_hook(lambda *a: None) if module_path else None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            grads = _grads(model, lambda m, b: score_batch(m, b, chunk_size=4), batch)
+            logps = score_batch(model, batch).logps.detach()
+        if handle is not None:
+            handle.remove()
+        return grads, logps
+
+    (g_fused, l_fused), (g_module, l_module) = run(False), run(True)
+    assert torch.equal(l_fused, l_module)
+    torch.testing.assert_close(g_fused, g_module, atol=2e-2, rtol=2e-2)
