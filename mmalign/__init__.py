@@ -5,3 +5,12 @@ modality adapters. This module only carries the version so that `import mmalign.
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # `mmalign.train(...)` without importing the loop (and transformers) on `import mmalign.losses`.
+    if name == "train":
+        from .api import train
+
+        return train
+    raise AttributeError(f"module 'mmalign' has no attribute {name!r}")

@@ -2,7 +2,8 @@
 
     mmalign train CONFIG.yaml [key=value ...]     train (see `mmalign train --help-config` for every key)
     mmalign sample text --model DIR [--reference DIR] --prompt "..."   generate side by side
-    mmalign demo [text|losses] --out DIR           the demos with a measured effect
+    mmalign demo NAME --out DIR                    the demos with a measured effect (text, diffusion, clip,
+                                                   prior, losses, ...)
     mmalign losses                                 list the loss engine's functions
 """
 
@@ -57,6 +58,10 @@ def train(
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
     typer.echo(json.dumps(summary, indent=1, default=str))
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # a launcher waits on un-destroyed groups at exit
+        dist.destroy_process_group()
 
 
 @sample_app.command("text")
@@ -90,9 +95,9 @@ def sample_text(
                                         chat=chat).completions
     rows = [{"prompt": p, **{k: v[i] for k, v in columns.items()}} for i, p in enumerate(prompts)]
     for r in rows:
-        typer.echo(f"> {r['prompt']}")
-        for k in columns:
-            typer.echo(f"  [{k}] {r[k]}")
+        typer.echo(f"> {r['prompt']!r}")
+        for k in columns:  # repr: a newline inside a completion must not break the columns
+            typer.echo(f"  [{k}] {r[k]!r}")
     if out:
         Path(out).write_text("".join(json.dumps(r) + "\n" for r in rows))
 

@@ -57,7 +57,12 @@ class DataConfig:
     eval: list[str] = _h("evaluation files (same formats)", factory=list)
     format: Literal["auto", "pairs", "unpaired", "ranked", "sft"] = _h("row format; auto detects from keys", "auto")
     max_length: int = _h("max tokens of prompt + completion", 512)
-    max_prompt_length: int | None = _h("prompts are cut from the left to this length first", None)
+    max_prompt_length: int | None = _h("keep_end_of_prompt: the fewest prompt tokens kept when a row is over budget "
+                                       "(default max_length // 2)", None)
+    truncation: Literal["keep_end_of_prompt", "keep_start"] = _h(
+        "over-long rows: keep the prompt's end and cut its oldest tokens (default), or keep the start and cut "
+        "completions from the right (TRL); with keep_start a prompt that fills max_length is a bad row",
+        "keep_end_of_prompt")
     skip_bad_rows: bool = _h("skip and count malformed rows instead of stopping with an error", False)
     limit: int | None = _h("read at most this many rows per file (debugging)", None)
 

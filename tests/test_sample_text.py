@@ -68,7 +68,7 @@ def test_side_by_side_columns_and_jsonl(checkpoints, tmp_path):
     assert all(set(r) == {"prompt", "model", "reference"} and isinstance(r["model"], str) for r in rows)
     assert any(r["model"] != r["reference"] for r in rows)  # two different random models
     # stdout (transformers' loading bars go to stderr): per prompt, the prompt then one line per column
-    expected = "".join(f"> {r['prompt']}\n  [model] {r['model']}\n  [reference] {r['reference']}\n" for r in rows)
+    expected = "".join(f"> {r['prompt']!r}\n  [model] {r['model']!r}\n  [reference] {r['reference']!r}\n" for r in rows)
     assert result.stdout == expected
 
 

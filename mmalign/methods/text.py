@@ -166,7 +166,7 @@ class TextTask:
 
         return build_text_dataset(sources, self.tokenizer, format=fmt or dc.format, limit=dc.limit,
                                   max_length=dc.max_length, max_prompt_length=dc.max_prompt_length,
-                                  skip_bad_rows=dc.skip_bad_rows)
+                                  truncation=dc.truncation, skip_bad_rows=dc.skip_bad_rows)
 
     def stage_data(self, stage: StageConfig) -> StageData:
         dc = self.cfg.data
@@ -181,7 +181,7 @@ class TextTask:
             aux, retain_stats = self._dataset(self.cfg.retain.train, self.cfg.retain, fmt="sft")
             stats.update({f"retain/{k}": v for k, v in retain_stats.items()})
         return StageData(train=train, collate=train.collate, eval=eval_ds, aux=aux, stats=stats,
-                         key=_content_key(train))
+                         key=_content_key(train), eval_key=_content_key(eval_ds) if eval_ds is not None else "")
 
     def configure_stage(self, stage: StageConfig) -> None:
         """Apply ``stage.loss`` (name, kwargs, sft_weight, retain_weight; all checked in ``__init__``)."""

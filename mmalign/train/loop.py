@@ -94,6 +94,11 @@ class _Scorer(nn.Module):
     def forward(self, batch) -> Scores:
         return self._score_fn(self.model, batch)
 
+    @property
+    def _no_split_modules(self):
+        # FSDP's transformer auto-wrap looks for the decoder-layer class here (transformers models carry it).
+        return getattr(self.model, "_no_split_modules", None)
+
 
 def resolve_stages(cfg: TrainConfig) -> list[StageConfig]:
     if cfg.stages:
@@ -121,7 +126,11 @@ class _Batches:
         self.dataset, self.collate, self.order, self.device = dataset, collate, order, device
 
     def __next__(self):
-        return _collate_with_index(self.collate, self.dataset, self.order.next_indices()).to(self.device)
+        indices = self.order.next_indices()
+        set_epoch = getattr(self.dataset, "set_epoch", None)
+        if set_epoch is not None:  # per-epoch randomness in the data (diffusion noise) follows the restored order
+            set_epoch(self.order.epoch)
+        return _collate_with_index(self.collate, self.dataset, indices).to(self.device)
 
 
 def _make_reference(task: Task, cfg: TrainConfig) -> Reference:
@@ -252,6 +261,13 @@ def fit(task: Task, cfg: TrainConfig, accelerator=None) -> dict:
     out_dir = Path(cfg.run.output_dir)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator is None:
+        if launched == 1:
+            # accelerate keeps process-wide singletons: a second fit() in one Python process (a notebook, a
+            # demo running SFT then DPO) with other settings would otherwise be refused.
+            from accelerate.state import AcceleratorState, GradientState
+
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
         # accelerate sets up gloo for a launcher's CPU-only processes only when told cpu=True; without it,
         # `torchrun --nproc_per_node N` on a CPU machine runs N independent copies into one output_dir.
         cpu = {"cpu": True} if launched > 1 and not _has_accelerator_device() else {}
@@ -313,7 +329,13 @@ def fit(task: Task, cfg: TrainConfig, accelerator=None) -> dict:
         accelerator._optimizers.clear()
         optimizer = build_optimizer(task.model, cfg.optim, lr=stage.lr)
         scheduler = build_scheduler(optimizer, cfg.optim, n_steps)
+        ds_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+        if ds_plugin is not None:  # no DataLoader is prepared, so DeepSpeed cannot resolve its "auto" batch size
+            ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.run.batch_size
         model, optimizer = accelerator.prepare(_Scorer(task.model, task.score), optimizer)
+        ref_model = getattr(reference, "model", None)
+        if isinstance(ref_model, nn.Module):  # frozen copies are built before prepare() placed the policy
+            ref_model.to(accelerator.device)
 
         saved = ckpt.read_extra(resume_from) if resuming else {}
         eval_ref = reference

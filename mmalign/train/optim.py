@@ -27,7 +27,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, *, lr: float | None = No
     if not groups:
         raise ValueError("the model has no trainable parameters: check lora/freeze settings")
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        # The fused kernel is ~6x faster than the per-tensor loop on CPU (TRL uses it too); it needs
+        # floating-point parameters on a device it supports.
+        params = [p for g in groups for p in g["params"]]
+        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, **({"fused": True} if fused else {}))
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr)
     if cfg.name == "adamw_8bit":

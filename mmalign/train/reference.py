@@ -255,4 +255,4 @@ class PrecomputedReference(Reference):
         if self.table is None:
             raise RuntimeError("PrecomputedReference.build() must run before training")
         idx = batch.extras["index"].cpu()
-        return Scores(logps=self.table.logps[idx].to(batch.completion_ids.device))
+        return Scores(logps=self.table.logps[idx].to(batch.extras["index"].device))  # any modality's batch

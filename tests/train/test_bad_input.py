@@ -16,7 +16,6 @@ from mmalign.api import train
 from mmalign.config import ConfigError
 from mmalign.data.rows import DataError
 from mmalign.data.synthetic import addition_rows, write_jsonl
-from mmalign.schema import DataConfig
 from mmalign.train.metrics_log import read_metrics
 
 from .conftest import config
@@ -82,9 +81,6 @@ def test_long_prompt_keeps_its_end_and_is_counted(tokenizer_dir, tmp_path):
     assert event["encode/prompts_truncated"] == 1 and event["rows_used"] == len(rows)
 
 
-@pytest.mark.skipif("truncation" not in DataConfig.__dataclass_fields__,
-                    reason="the schema has no data.truncation key yet, so keep_start (which refuses a prompt "
-                           "that fills max_length) cannot be chosen from a config; see the helper report")
 def test_long_prompt_with_keep_start_raises_data_error(tokenizer_dir, tmp_path):
     rows = list(GOOD)
     rows[1] = {**rows[1], "prompt": "add: " + " ".join(["1"] * 200) + " ="}
