@@ -1,0 +1,527 @@
+"""Diffusion model builders: tiny random-init components for CPU tests/demos, and real diffusers checkpoints.
+
+Three model kinds share one :class:`DiffusionComponents` container:
+
+=======  ================================  =====================================  ================================
+kind     denoiser                          scheduler (training)                   text conditioning
+=======  ================================  =====================================  ================================
+unet     UNet2DConditionModel (SD1.5/2.x)  DDPMScheduler: ε, v or x0 prediction   CLIP last hidden state
+sdxl     UNet2DConditionModel with         DDPMScheduler                          2 CLIP encoders (penultimate
+         ``addition_embed_type=text_time``                                        states, concatenated) + pooled
+sd3      SD3Transformer2DModel             FlowMatchEulerDiscreteScheduler        2 CLIP (+ T5, or zeros) + pooled
+=======  ================================  =====================================  ================================
+
+Prompt encoding goes through the diffusers pipeline's own ``encode_prompt`` (so the embeddings are exactly
+what ``StableDiffusion{,XL,3}Pipeline`` feeds the denoiser at sampling time). Tiny tokenizers are real
+``CLIPTokenizer`` s built offline from the first merges of open_clip's bundled BPE table (no download).
+A tiny model may be *pixel space* (``vae=None``): the "latents" are the images in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+KINDS = ("unet", "sdxl", "sd3")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# diffusers' default LoRA targets for UNets and SD3 transformers (train_diffusion_dpo*.py, train_dreambooth_lora_sd3)
+DEFAULT_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+# Real SD3 VAE latent normalisation (stabilityai/stable-diffusion-3.5-medium vae/config.json); tiny SD3 reuses it
+# so that the shift path is exercised.
+_SD3_VAE_SCALE, _SD3_VAE_SHIFT = 1.5305, 0.0609
+
+__all__ = [
+    "DEFAULT_LORA_TARGETS",
+    "KINDS",
+    "DiffusionComponents",
+    "apply_lora",
+    "build_tiny_clip_tokenizer",
+    "build_tiny_components",
+    "build_tiny_pipeline_dir",
+    "detect_kind",
+    "load_diffusion_components",
+    "lora_layers_for_diffusers",
+    "pipeline_class",
+    "save_lora",
+]
+
+
+@dataclass
+class DiffusionComponents:
+    """Everything a diffusion recipe needs besides data.
+
+    Attributes:
+        kind: ``"unet"`` | ``"sdxl"`` | ``"sd3"``.
+        denoiser: the trainable network (UNet2DConditionModel or SD3Transformer2DModel), unwrapped.
+        scheduler: the *training* noise scheduler (DDPMScheduler, or FlowMatchEulerDiscreteScheduler for sd3);
+            never call ``set_timesteps`` on it (the flow tables would change).
+        vae: AutoencoderKL, or None for pixel-space models.
+        text_encoders / tokenizers: CLIP (and T5) encoders in pipeline order (``text_encoder``,
+            ``text_encoder_2``, ``text_encoder_3``); SD3 may have a None third entry (T5 left out: zeros).
+        max_sequence_length: SD3's T5 length (``encode_prompt(max_sequence_length=...)``).
+        source: the checkpoint directory, or ``"tiny"``.
+    """
+
+    kind: str
+    denoiser: nn.Module
+    scheduler: Any
+    vae: nn.Module | None
+    text_encoders: list[nn.Module | None]
+    tokenizers: list[Any]
+    max_sequence_length: int = 256
+    source: str = "tiny"
+    _pipe: Any = field(default=None, repr=False)
+
+    # -- derived facts ------------------------------------------------------------------------------------
+    @property
+    def prediction_type(self) -> str:
+        """``"flow"`` for flow-matching models, else the scheduler's ``prediction_type``."""
+        if self.kind == "sd3":
+            return "flow"
+        return str(self.scheduler.config.prediction_type)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return 3 if self.vae is None else int(self.vae.config.latent_channels)
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        """``(C, h, w)`` of the latents of a ``resolution``² image."""
+        f = self.vae_scale_factor
+        if resolution % f:
+            raise ValueError(f"resolution={resolution} must be a multiple of the VAE scale factor {f}")
+        return (self.latent_channels, resolution // f, resolution // f)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.denoiser.parameters()).dtype
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> DiffusionComponents:
+        """Move the frozen parts (VAE, text encoders) and the denoiser; returns self."""
+        for m in [self.denoiser, self.vae, *self.text_encoders]:
+            if m is None:
+                continue
+            if dtype is None:
+                m.to(device)
+            else:
+                m.to(device=device, dtype=dtype)
+        return self
+
+    # -- pipelines ----------------------------------------------------------------------------------------
+    def pipeline(self, denoiser: nn.Module | None = None):
+        """A diffusers pipeline over these components (``denoiser`` replaces the stored one, e.g. a LoRA'd
+        or merged copy). The pipeline shares the modules; nothing is copied."""
+        cls = pipeline_class(self.kind)
+        net = denoiser if denoiser is not None else self.denoiser
+        te, tok = list(self.text_encoders), list(self.tokenizers)
+        if self.kind == "unet":
+            return cls(vae=self.vae, text_encoder=te[0], tokenizer=tok[0], unet=net, scheduler=self.scheduler,
+                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        if self.kind == "sdxl":
+            return cls(vae=self.vae, text_encoder=te[0], text_encoder_2=te[1], tokenizer=tok[0], tokenizer_2=tok[1],
+                       unet=net, scheduler=self.scheduler)
+        te += [None] * (3 - len(te))
+        tok += [None] * (3 - len(tok))
+        return cls(transformer=net, scheduler=self.scheduler, vae=self.vae, text_encoder=te[0], tokenizer=tok[0],
+                   text_encoder_2=te[1], tokenizer_2=tok[1], text_encoder_3=te[2], tokenizer_3=tok[2])
+
+    @torch.no_grad()
+    def encode_prompt(self, captions: list[str], device: torch.device | str | None = None
+                      ) -> tuple[Tensor, Tensor | None]:
+        """``(prompt_embeds [B, L, D], pooled [B, P] or None)`` exactly as the pipeline computes them."""
+        if self._pipe is None:
+            self._pipe = self.pipeline()
+        pipe = self._pipe
+        device = device or next(m for m in self.text_encoders if m is not None).device
+        captions = list(captions)
+        if self.kind == "unet":
+            embeds, _ = pipe.encode_prompt(captions, device, 1, False)
+            return embeds, None
+        if self.kind == "sdxl":
+            embeds, _, pooled, _ = pipe.encode_prompt(captions, device=device, num_images_per_prompt=1,
+                                                      do_classifier_free_guidance=False)
+            return embeds, pooled
+        embeds, _, pooled, _ = pipe.encode_prompt(captions, None, None, device=device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False,
+                                                  max_sequence_length=self.max_sequence_length)
+        return embeds, pooled
+
+    # -- VAE ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, pixels: Tensor) -> Tensor:
+        """Pixels ``[N, 3, H, W]`` in [-1, 1] → the VAE posterior *parameters* ``[N, 2C, h, w]`` (mean ‖ logvar).
+
+        Keeping the parameters (not a sample) lets callers cache them and still draw a fresh posterior sample
+        per step, as the reference training scripts do (``latent_dist.sample()``). Pixel space: the pixels."""
+        if self.vae is None:
+            return pixels
+        vae_dtype = next(self.vae.parameters()).dtype
+        return self.vae.encode(pixels.to(vae_dtype)).latent_dist.parameters
+
+    def latents_from_parameters(self, params: Tensor, *, sample: bool = True,
+                                generator: torch.Generator | None = None) -> Tensor:
+        """Posterior parameters → scaled latents: ``(z − shift) · scaling_factor`` (SD3 has a shift)."""
+        if self.vae is None:
+            return params
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        dist = DiagonalGaussianDistribution(params.float())
+        z = dist.sample(generator=generator) if sample else dist.mode()
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (z - shift) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Scaled latents → pixels in [-1, 1] (inverse of :meth:`latents_from_parameters`)."""
+        if self.vae is None:
+            return latents.clamp(-1, 1)
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        z = latents / self.vae.config.scaling_factor + shift
+        vae_dtype = next(self.vae.parameters()).dtype
+        return self.vae.decode(z.to(vae_dtype)).sample.float().clamp(-1, 1)
+
+
+def pipeline_class(kind: str):
+    """The diffusers pipeline class of a model kind."""
+    import diffusers
+
+    table = {"unet": diffusers.StableDiffusionPipeline, "sdxl": diffusers.StableDiffusionXLPipeline,
+             "sd3": diffusers.StableDiffusion3Pipeline}
+    if kind not in table:
+        raise ValueError(f"kind={kind!r} is not one of {sorted(table)}")
+    return table[kind]
+
+
+# ------------------------------------------------------------------------------------------------ tiny parts
+
+
+def build_tiny_clip_tokenizer(num_merges: int = 744, max_length: int = 16):
+    """A real :class:`CLIPTokenizer` with ``512 + num_merges + 2`` tokens, built offline.
+
+    The vocabulary follows CLIP's construction (byte symbols, the same with ``</w>``, one token per merge,
+    then ``<|startoftext|>``/``<|endoftext|>``) using the first ``num_merges`` merges of open_clip's bundled
+    ``bpe_simple_vocab_16e6.txt.gz``, so common English words still become few tokens while the embedding
+    table stays small (1258 rows by default).
+    """
+    from importlib.resources import files
+
+    from transformers import CLIPTokenizer
+
+    try:
+        bpe_path = files("open_clip") / "bpe_simple_vocab_16e6.txt.gz"
+        lines = gzip.decompress(bpe_path.read_bytes()).decode("utf-8").split("\n")
+    except (ModuleNotFoundError, FileNotFoundError) as e:
+        raise RuntimeError("build_tiny_clip_tokenizer needs open_clip's bundled BPE table "
+                           "(pip install open_clip_torch)") from e
+    merges = [tuple(m.split()) for m in lines[1 : 1 + num_merges]]  # line 0 is a version header
+    symbols = _byte_symbols()
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = CLIPTokenizer(vocab=vocab, merges=merges)
+    tok.model_max_length = max_length
+    return tok
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2/CLIP's byte → printable-character table, in CLIP's vocabulary order (printable bytes first, then
+    the remaining bytes mapped to code points 256, 257, ...)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    rest = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(rest))]
+
+
+def _clip_config(tokenizer, hidden: int, *, layers: int = 2, projection_dim: int | None = None):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length, layer_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, projection_dim=projection_dim or hidden,
+    )
+
+
+def _tiny_vae(latent_channels: int, channels: tuple[int, int], *, sd3: bool):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=list(channels),
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+        layers_per_block=1, norm_num_groups=min(channels), sample_size=32,
+        scaling_factor=_SD3_VAE_SCALE if sd3 else 0.18215, shift_factor=_SD3_VAE_SHIFT if sd3 else None,
+    )
+
+
+def build_tiny_components(
+    kind: str = "unet",
+    *,
+    prediction_type: str = "epsilon",
+    pixel_space: bool = False,
+    seed: int = 0,
+    resolution: int = 16,
+    channels: tuple[int, int] = (8, 16),
+    text_hidden: int = 16,
+    latent_channels: int = 4,
+    text_max_length: int = 16,
+    t5_length: int = 8,
+) -> DiffusionComponents:
+    """Random-init components small enough for CPU tests (≈50–150k parameters in the denoiser).
+
+    Args:
+        kind: ``unet`` (SD1.5-style), ``sdxl`` (two text encoders, ``added_cond_kwargs``) or ``sd3``
+            (MMDiT + flow matching; no T5, the pipeline's zeros stand in, ``t5_length`` tokens).
+        prediction_type: ε, v or x0 target of the DDPM scheduler (ignored for sd3).
+        pixel_space: no VAE: the denoiser works on 3-channel images directly.
+        resolution: the image size the denoiser's ``sample_size`` is set for (latents are half of it with
+            the tiny 2-block VAE).
+        channels: UNet/VAE block widths; ``text_hidden`` the CLIP width.
+    """
+    from diffusers import (
+        DDPMScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r} is not one of {list(KINDS)}")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type={prediction_type!r} is not one of {list(PREDICTION_TYPES)}")
+    tok = build_tiny_clip_tokenizer(max_length=text_max_length)
+    torch.manual_seed(seed)
+    vae = None if pixel_space else _tiny_vae(latent_channels, channels, sd3=kind == "sd3")
+    lat_c = 3 if pixel_space else latent_channels
+    sample = resolution if pixel_space else resolution // 2
+    groups = min(4, min(channels))
+    ddpm = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                prediction_type=prediction_type, clip_sample=False, steps_offset=1)
+
+    if kind == "unet":
+        te = CLIPTextModel(_clip_config(tok, text_hidden))
+        unet = UNet2DConditionModel(
+            sample_size=sample, in_channels=lat_c, out_channels=lat_c, layers_per_block=1,
+            block_out_channels=channels, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=text_hidden,
+            attention_head_dim=2, norm_num_groups=groups,
+        )
+        return DiffusionComponents("unet", unet, DDPMScheduler(**ddpm), vae, [te], [tok])
+    if kind == "sdxl":
+        time_dim, proj = 4, text_hidden
+        te1 = CLIPTextModel(_clip_config(tok, text_hidden))
+        te2 = CLIPTextModelWithProjection(_clip_config(tok, text_hidden, projection_dim=proj))
+        unet = UNet2DConditionModel(
+            sample_size=sample, in_channels=lat_c, out_channels=lat_c, layers_per_block=1,
+            block_out_channels=channels, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=2 * text_hidden,
+            attention_head_dim=2, norm_num_groups=groups, use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+            projection_class_embeddings_input_dim=6 * time_dim + proj, transformer_layers_per_block=1,
+        )
+        return DiffusionComponents("sdxl", unet, DDPMScheduler(**ddpm), vae, [te1, te2], [tok, tok])
+    proj = text_hidden
+    te1 = CLIPTextModelWithProjection(_clip_config(tok, text_hidden, projection_dim=proj))
+    te2 = CLIPTextModelWithProjection(_clip_config(tok, text_hidden, projection_dim=proj))
+    heads, head_dim = 2, 8
+    transformer = SD3Transformer2DModel(
+        sample_size=sample, patch_size=1, in_channels=lat_c, out_channels=lat_c, num_layers=1,
+        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=2 * text_hidden,
+        caption_projection_dim=heads * head_dim, pooled_projection_dim=2 * proj, pos_embed_max_size=sample,
+    )
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    return DiffusionComponents("sd3", transformer, sched, vae, [te1, te2], [tok, tok], max_sequence_length=t5_length)
+
+
+def build_tiny_pipeline_dir(path: str | os.PathLike, kind: str = "unet", **kwargs: Any) -> Path:
+    """Save a tiny pipeline with ``Pipeline.save_pretrained`` so tests load it back the way a user would.
+
+    ``kwargs`` go to :func:`build_tiny_components` (pixel-space models cannot be saved as a pipeline). The tiny
+    SD3 pipeline has no T5: load it with ``StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None,
+    tokenizer_3=None)`` (:func:`load_diffusion_components` does this by itself)."""
+    if kwargs.get("pixel_space"):
+        raise ValueError("build_tiny_pipeline_dir: pixel-space models have no VAE; diffusers pipelines need one")
+    comps = build_tiny_components(kind, **kwargs)
+    out = Path(path)
+    comps.pipeline().save_pretrained(str(out))
+    if kind == "sd3":  # our tiny SD3 has no T5; record the short zero-T5 length for load_diffusion_components
+        (out / "mmalign_tiny.json").write_text(json.dumps({"max_sequence_length": comps.max_sequence_length}))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ real checkpoints
+
+_DENOISER_DIRS = {"unet": "unet", "sdxl": "unet", "sd3": "transformer"}
+
+
+def detect_kind(path: str | os.PathLike) -> str:
+    """``unet`` / ``sdxl`` / ``sd3`` from a pipeline directory's ``model_index.json`` (its ``_class_name``)."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(
+            f"{str(path)!r} has no model_index.json: expected a diffusers pipeline directory (subfolders unet or "
+            "transformer, vae, text_encoder, tokenizer, scheduler) written by Pipeline.save_pretrained; download "
+            "the full checkpoint or set diffusion.kind explicitly")
+    name = json.loads(index.read_text()).get("_class_name", "")
+    if "StableDiffusion3" in name:
+        return "sd3"
+    if "XL" in name:
+        return "sdxl"
+    if "StableDiffusion" in name:
+        return "unet"
+    raise ValueError(f"{index}: pipeline class {name!r} is not one of StableDiffusion / StableDiffusionXL / "
+                     "StableDiffusion3; set diffusion.kind (unet|sdxl|sd3) explicitly")
+
+
+def load_diffusion_components(
+    name_or_path: str | os.PathLike,
+    *,
+    kind: str = "auto",
+    dtype: torch.dtype | str = torch.float32,
+    vae_dtype: torch.dtype | str | None = torch.float32,
+    prediction_type: str | None = None,
+    load_t5: bool = False,
+    max_sequence_length: int | None = None,
+) -> DiffusionComponents:
+    """Load a diffusers pipeline directory (SD1.5 / SDXL / SD3.5 layouts) with ``from_pretrained``, offline.
+
+    The training scheduler is ``DDPMScheduler`` (or ``FlowMatchEulerDiscreteScheduler`` for sd3) read from the
+    ``scheduler`` subfolder, as diffusers' training scripts do, whatever sampler the pipeline ships with.
+
+    Args:
+        kind: ``auto`` reads ``model_index.json``.
+        dtype: denoiser and text-encoder weights; ``vae_dtype`` the VAE's (fp32 default: the SDXL VAE
+            produces NaNs in fp16 unless it is the fp16-fix VAE, pitfall 4 of research/diffusion.md §9).
+        prediction_type: override the scheduler's (SD2.x 768 checkpoints are v-prediction).
+        load_t5: SD3 only: load ``text_encoder_3`` (T5-XXL, ~9 GB); off by default, zeros then stand in,
+            which the SD3 pipeline supports (``text_encoder_3=None``).
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"no diffusers pipeline directory at {str(path)!r}; pass a local directory written by "
+            "Pipeline.save_pretrained (e.g. a downloaded stable-diffusion-v1-5 snapshot), or 'tiny'")
+    kind = detect_kind(path) if kind == "auto" else kind
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r} is not one of {['auto', *KINDS]}")
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    vae_dtype = dtype if vae_dtype is None else getattr(torch, vae_dtype) if isinstance(vae_dtype, str) else vae_dtype
+    sub = _DENOISER_DIRS[kind]
+    missing = [d for d in (sub, "vae", "scheduler", "text_encoder", "tokenizer") if not (path / d).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{str(path)!r} lacks the subfolders {missing} of a {kind} pipeline; it holds "
+                                f"{sorted(p.name for p in path.iterdir())}")
+    if kind == "sd3":
+        from diffusers import SD3Transformer2DModel as Net
+
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
+    else:
+        from diffusers import UNet2DConditionModel as Net
+
+        extra = {"prediction_type": prediction_type} if prediction_type else {}
+        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **extra)
+    denoiser = Net.from_pretrained(path, subfolder=sub, torch_dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype)
+    encoders, tokenizers = _load_text_stack(path, kind, dtype, load_t5=load_t5)
+    for m in [vae, *encoders]:
+        if m is not None:
+            m.requires_grad_(False).eval()
+    seq = max_sequence_length
+    if seq is None:
+        tiny = path / "mmalign_tiny.json"
+        seq = json.loads(tiny.read_text())["max_sequence_length"] if tiny.is_file() else 256
+    return DiffusionComponents(kind, denoiser, scheduler, vae, encoders, tokenizers, max_sequence_length=seq,
+                               source=str(path))
+
+
+def _load_text_stack(path: Path, kind: str, dtype: torch.dtype, *, load_t5: bool):
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    if kind == "unet":
+        specs = [("text_encoder", "tokenizer", CLIPTextModel)]
+    elif kind == "sdxl":
+        specs = [("text_encoder", "tokenizer", CLIPTextModel),
+                 ("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection)]
+    else:
+        specs = [("text_encoder", "tokenizer", CLIPTextModelWithProjection),
+                 ("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection)]
+    encoders: list[nn.Module | None] = []
+    tokenizers: list[Any] = []
+    for enc_dir, tok_dir, cls in specs:
+        if not (path / enc_dir).is_dir() or not (path / tok_dir).is_dir():
+            raise FileNotFoundError(f"{str(path)!r}: a {kind} pipeline needs {enc_dir}/ and {tok_dir}/")
+        encoders.append(cls.from_pretrained(path / enc_dir, torch_dtype=dtype))
+        tokenizers.append(AutoTokenizer.from_pretrained(path / tok_dir))
+    if kind == "sd3":
+        if load_t5 and (path / "text_encoder_3").is_dir():
+            from transformers import T5EncoderModel
+
+            encoders.append(T5EncoderModel.from_pretrained(path / "text_encoder_3", torch_dtype=dtype))
+            tokenizers.append(AutoTokenizer.from_pretrained(path / "tokenizer_3"))
+        else:
+            encoders.append(None)
+            tokenizers.append(None)
+    return encoders, tokenizers
+
+
+# ------------------------------------------------------------------------------------------------ LoRA
+
+
+def apply_lora(denoiser: nn.Module, *, r: int = 8, alpha: int | None = None, dropout: float = 0.0,
+               target_modules: str | list[str] | None = None) -> nn.Module:
+    """Wrap a denoiser with a PEFT LoRA (``peft.get_peft_model``); only the adapter stays trainable.
+
+    As in diffusers' DPO scripts: targets ``to_k, to_q, to_v, to_out.0`` (the default, and what
+    ``"all-linear"`` maps to here: PEFT only expands that for transformers models), ``lora_alpha = r`` by
+    default, B initialised to zero so policy == base at step 0. The result has ``disable_adapter()`` and
+    ``peft_config``, so :class:`mmalign.train.reference.AdapterReference` runs the base as the reference.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if r < 1:
+        raise ValueError(f"LoRA r={r} must be >= 1")
+    targets = DEFAULT_LORA_TARGETS if target_modules in (None, "all-linear") else target_modules
+    config = LoraConfig(r=r, lora_alpha=alpha if alpha is not None else r, lora_dropout=dropout,
+                        target_modules=targets, init_lora_weights="gaussian")
+    return get_peft_model(denoiser, config)
+
+
+def lora_layers_for_diffusers(peft_model: nn.Module) -> tuple[dict[str, Tensor], dict]:
+    """``(state_dict, adapter metadata)`` of a PEFT-wrapped denoiser in the layout that
+    ``Pipeline.save_lora_weights`` writes and ``load_lora_weights`` reads (module paths without PEFT's
+    ``base_model.model.`` prefix, diffusers key names), as diffusers' training scripts produce them."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(peft_model)
+    prefix = "base_model.model."
+    state = {(k[len(prefix):] if k.startswith(prefix) else k): v.detach().float().cpu().contiguous()
+             for k, v in state.items()}
+    meta = peft_model.peft_config["default"].to_dict()
+    meta = {k: sorted(v) if isinstance(v, set) else v for k, v in meta.items()}
+    return convert_state_dict_to_diffusers(state), meta
+
+
+def save_lora(peft_model: nn.Module, kind: str, path: str | os.PathLike) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` that ``Pipeline.load_lora_weights(path)`` loads."""
+    layers, meta = lora_layers_for_diffusers(peft_model)
+    cls = pipeline_class(kind)
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    if kind == "sd3":
+        cls.save_lora_weights(str(out), transformer_lora_layers=layers, transformer_lora_adapter_metadata=meta)
+    else:
+        cls.save_lora_weights(str(out), unet_lora_layers=layers, unet_lora_adapter_metadata=meta)
+    return out
