@@ -81,6 +81,10 @@ class Task(Protocol):
 
     def merge_lora(self) -> None: ...
 
+    # Optional: ``prepare_batch(model, batch, step) -> batch`` runs before every training micro-batch is scored,
+    # for methods whose candidates come from the current policy (online DPO/XPO, sampled negatives). It must be
+    # deterministic given (step, batch) and the RNG state for exact resume.
+
 
 class _Scorer(nn.Module):
     """Runs the adapter inside ``forward`` so that DDP/FSDP wrappers see a normal forward call (their gradient
@@ -367,12 +371,15 @@ def fit(task: Task, cfg: TrainConfig, accelerator=None) -> dict:
         batches = _Batches(data.train, data.collate, order, accelerator.device)
         aux_batches = _Batches(data.aux, data.collate, aux_order, accelerator.device) if aux_order else None
         progress = _progress(cfg, accelerator, n_steps, step_in_stage, stage.name)
+        prepare = getattr(task, "prepare_batch", None)
         model.train()
         while step_in_stage < n_steps:
             step_metrics, grad_norm = [], None
             for _ in range(cfg.run.grad_accum):
                 batch = next(batches)
                 aux_batch = next(aux_batches) if aux_batches else None
+                if prepare is not None:  # online methods: generate/score candidates with the current policy
+                    batch = prepare(task.model, batch, global_step)
                 # accumulate(): no DDP all-reduce and no optimizer step except on the last micro-batch, and
                 # accelerator.backward divides each micro-batch loss by grad_accum, so the step's gradient is
                 # the mean over all grad_accum × processes × batch_size examples (for per-example-mean losses).
