@@ -34,11 +34,28 @@ TASKS = {
 }
 
 
+# Text recipes whose per-step work differs from plain preference training (loss.name -> "module:Task class");
+# every other text loss.name is a TEXT_METHODS entry run by TextTask.
+TEXT_RECIPES = {
+    "seq_contrastive": "mmalign.methods.seq_contrastive:SeqContrastiveTask",
+    "online_dpo": "mmalign.methods.online:OnlineDPOTask",
+    "xpo": "mmalign.methods.online:OnlineDPOTask",
+    "token_guidance": "mmalign.methods.token_guidance:TokenGuidanceTask",
+}
+
+
 def build_task(cfg: TrainConfig):
     """The recipe for the configured modality (from the explicit :data:`TASKS` table)."""
     if cfg.modality not in TASKS:
         raise ValueError(f"modality={cfg.modality!r} is not one of {sorted(TASKS)}")
-    module, _, cls = TASKS[cfg.modality].partition(":")
+    target = TASKS[cfg.modality]
+    if cfg.modality == "text":
+        names = {cfg.loss.name} | {(s.loss or {}).get("name") for s in cfg.stages} - {None}
+        recipes = {TEXT_RECIPES[n] for n in names if n in TEXT_RECIPES}
+        if len(recipes) > 1:
+            raise ValueError(f"one run cannot mix the text recipes {sorted(recipes)} (losses {sorted(names)})")
+        target = recipes.pop() if recipes else target
+    module, _, cls = target.partition(":")
     return getattr(importlib.import_module(module), cls)(cfg)
 
 

@@ -131,7 +131,7 @@ def losses() -> None:
 
 
 # Modality command modules register their `sample`/`eval`/`pairs` commands on the apps above.
-from . import cli_clip, cli_diffusion  # noqa: E402,F401
+from . import cli_clip, cli_diffusion, cli_pairs  # noqa: E402,F401
 
 
 def main() -> None:

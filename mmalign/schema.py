@@ -194,6 +194,9 @@ class TrainConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
+    options: dict[str, Any] = _h("recipe-specific options (negatives, online generation, guidance, ...): each "
+                                 "recipe checks them against its own typed schema and reports every error",
+                                 factory=dict)
 
     def validate(self) -> list[str]:
         errs = []

@@ -16,6 +16,11 @@ DEMOS: dict[str, str] = {
     "diffusion": "mmalign.demos.diffusion:run",
     "clip": "mmalign.demos.clip:run",
     "prior": "mmalign.demos.prior:run",
+    "seq_contrastive": "mmalign.demos.seq_contrastive:run",
+    "curriculum": "mmalign.demos.curriculum:run",
+    "token_guidance": "mmalign.demos.token_guidance:run",
+    "tdpo": "mmalign.demos.token_dpo:run",
+    "online_dpo": "mmalign.demos.online_dpo:run",
 }
 
 

@@ -1,0 +1,1 @@
+"""``mmalign pairs``: registered on :data:`mmalign.cli.app` (filled in by the pair-construction recipe)."""
