@@ -1,1 +1,78 @@
-"""``mmalign pairs``: registered on :data:`mmalign.cli.app` (filled in by the pair-construction recipe)."""
+"""``mmalign pairs``: automatic preference pairs from a stronger and a weaker model (Xu et al. 2023,
+arXiv 2310.02263), registered on :data:`mmalign.cli.app`.
+
+    mmalign pairs --strong outputs/dpo/final --weak outputs/sft/final --prompts prompts.txt --out pairs.jsonl
+    mmalign pairs --strong strong.jsonl --weak weak.jsonl --prompts prompts.txt --reward warm_colors \\
+        --out pairs.jsonl --curriculum 2       # also writes the easy→hard stage files and stages.yaml
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from .cli import app
+
+
+def _read_prompts(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--prompts {path}: no such file; give a text file with one prompt per line, or a .jsonl "
+                         "with a 'prompt' field per row")
+    if p.suffix in (".jsonl", ".json", ".parquet"):
+        from .data.rows import load_rows
+
+        out = []
+        for file, n, row in load_rows(p):
+            if not isinstance(row.get("prompt"), str):
+                raise ValueError(f"{file} row {n}: field 'prompt' is {row.get('prompt')!r}; it must be a string")
+            out.append(row["prompt"])
+        return out
+    return [line for line in p.read_text().splitlines() if line.strip()]
+
+
+@app.command()
+def pairs(
+    strong: str = typer.Option(..., help="stronger model: checkpoint directory, or a responses .jsonl "
+                                         "({prompt, completion} per row, same prompts)"),
+    weak: str = typer.Option(..., help="weaker model: checkpoint directory or responses .jsonl"),
+    prompts: str = typer.Option(..., help="prompts: text file (one per line) or .jsonl with 'prompt'"),
+    out: str = typer.Option(..., help="output pairs .jsonl (TRL prompt/chosen/rejected + difficulty)"),
+    reward: str = typer.Option(None, help="optional: difficulty = -reward margin; a name (warm_colors), "
+                                          "module:function, or a reward-model directory"),
+    on_disagreement: str = typer.Option("keep", help="with --reward, pairs the reward orders the other way: "
+                                                     "keep (the paper), drop or flip"),
+    curriculum: int = typer.Option(0, help="also split into N easy→hard stage files beside --out (0: no)"),
+    max_new_tokens: int = 32,
+    temperature: float = 1.0,
+    seed: int = 0,
+    chat: bool = typer.Option(False, help="wrap prompts in the tokenizer's chat template"),
+) -> None:
+    """Pair each prompt's strong and weak responses (strong = chosen), with a difficulty per pair."""
+    from .data.pairs import curriculum_stages, write_jsonl
+    from .data.rows import DataError
+    from .methods.auto_pairs import auto_pairs
+
+    try:
+        prompt_list = _read_prompts(prompts)
+        rows, stats, _ = auto_pairs({"strong": strong, "weak": weak}, {"strong": 1, "weak": 0}, prompt_list,
+                                    reward=reward, on_disagreement=on_disagreement, seed=seed,
+                                    max_new_tokens=max_new_tokens, temperature=temperature, chat=chat)
+        if not rows:
+            raise ValueError(f"no pairs: every one of {len(prompt_list)} prompts gave a tie ({stats}); sample with "
+                             "a higher temperature or use models that differ more")
+        path = write_jsonl(rows, out)
+        result: dict = {"out": str(path), **stats}
+        if curriculum:
+            import yaml
+
+            stages = curriculum_stages(path, curriculum, path.parent / f"{path.stem}_curriculum")
+            stages_file = path.parent / f"{path.stem}_stages.yaml"
+            stages_file.write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+            result["stages_file"] = str(stages_file)
+    except (ValueError, DataError, OSError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(result, indent=1))

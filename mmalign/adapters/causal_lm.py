@@ -114,6 +114,8 @@ def score_batch(
     chunk_size: int = 1024,
     return_token_logps: bool = True,
     compute_values: bool = False,
+    return_states: bool = False,
+    return_layer_states: bool = False,
 ) -> Scores:
     """Score every candidate completion of ``batch`` under ``model``.
 
@@ -124,6 +126,13 @@ def score_batch(
         chunk_size: most completion positions pushed through ``lm_head`` at once.
         return_token_logps: also return ``token_logps`` ``[B, K, C]``.
         compute_values: value-head output at the last scored token (needs a ``ValueHeadModel``).
+        return_states: also return ``extras["states"]`` ``[B, K, C, H]``: the final hidden state that predicts
+            each completion token (0 where masked), the input of ``lm_head``. Token-level losses (TDPO,
+            SparsePO) turn the policy's and the reference's states into per-token KL with
+            :func:`token_kl_from_states`, chunk by chunk, so no ``[B, K, C, V]`` tensor is ever built.
+        return_layer_states: also return ``extras["layer_states"]`` ``[B, K, C, L, H]``: every decoder layer's
+            output at those positions (HF ``hidden_states[1:]``; the last entry is after the final norm), for
+            SparsePO's mask heads and activation masks.
 
     Returns:
         :class:`Scores` with ``logps`` ``[B, K]`` (summed completion log-probs, fp32), ``token_logps`` and
@@ -143,9 +152,16 @@ def score_batch(
     device = batch.completion_ids.device
     flat_tokens = torch.zeros(B * K, C, dtype=torch.float32, device=device)
     values = torch.zeros(B * K, dtype=torch.float32, device=device) if compute_values else None
+    extras: dict[str, Tensor] = {}
     if rows.numel() > 0:
-        states, comp_ids, comp_mask = _candidate_states(parts, batch, rows, ex_idx, share_prompt)
+        states, comp_ids, comp_mask, layer_states = _candidate_states(
+            parts, batch, rows, ex_idx, share_prompt, layers=return_layer_states
+        )
         sel_mask = comp_mask.bool()
+        if return_states:
+            extras["states"] = _scatter_rows(states[:, :-1], sel_mask, rows, B, K, C)
+        if layer_states is not None:
+            extras["layer_states"] = _scatter_rows(layer_states[:, :-1], sel_mask, rows, B, K, C)
         picked = _chunked_target_logps(
             states[:, :-1][sel_mask], comp_ids[sel_mask], parts.lm_head, parts.logit_transform, chunk_size
         )
@@ -164,7 +180,17 @@ def score_batch(
         token_mask=token_mask,
         lengths=token_mask.sum(-1),
         values=None if values is None else values.view(B, K),
+        extras=extras,
     )
+
+
+def _scatter_rows(t: Tensor, sel: Tensor, rows: Tensor, B: int, K: int, C: int) -> Tensor:
+    """``[N, C', ...]`` per-selected-candidate values -> ``[B, K, C, ...]``, zero at masked tokens and padding
+    candidates (differentiable)."""
+    t = t * sel.view(*sel.shape, *([1] * (t.dim() - 2))).to(t.dtype)
+    t = F.pad(t.movedim(1, -1), (0, C - t.shape[1])).movedim(-1, 1)
+    out = t.new_zeros(B * K, *t.shape[1:])
+    return out.index_copy(0, rows, t).view(B, K, *t.shape[1:])
 
 
 def _validate_and_select(batch: TextBatch) -> tuple[Tensor, Tensor, Tensor]:
@@ -219,13 +245,14 @@ def _validate_and_select(batch: TextBatch) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _candidate_states(
-    parts: _Parts, batch: TextBatch, rows: Tensor, ex_idx: Tensor, share_prompt: bool
-) -> tuple[Tensor, Tensor, Tensor]:
+    parts: _Parts, batch: TextBatch, rows: Tensor, ex_idx: Tensor, share_prompt: bool, *, layers: bool = False
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Final hidden states of the selected candidates.
 
     Returns ``states`` ``[N, C'+1, H]`` where ``states[:, j]`` has read the prompt and the first j completion
     tokens (so it predicts completion token j), plus the candidates' ids and mask ``[N, C']``, with ``C'``
-    trimmed to the longest selected completion.
+    trimmed to the longest selected completion, and with ``layers`` every decoder layer's output at the same
+    positions ``[N, C'+1, L, H]`` (else None).
     """
     prompt_mask = batch.prompt_mask.long()
     keep = prompt_mask.any(0).nonzero()
@@ -237,14 +264,17 @@ def _candidate_states(
     prompt_pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     prompt_len = prompt_mask.sum(-1)
     comp_pos = prompt_len[ex_idx, None] + torch.arange(width, device=comp_ids.device)
+    hs = {"output_hidden_states": True} if layers else {}
 
     if share_prompt and not _cache_disabled(parts):
         out = parts.decoder(
-            input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_pos, use_cache=True
+            input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_pos, use_cache=True,
+            **hs,
         )
         cache = getattr(out, "past_key_values", None)
         if cache is not None and hasattr(cache, "batch_select_indices") and cache.get_seq_length() > 0:
             prompt_last = out.last_hidden_state[:, -1]
+            prompt_layers = _layer_stack(out, layers, slice(-1, None))
             identity = torch.arange(prompt_ids.shape[0], device=ex_idx.device)
             if ex_idx.shape != identity.shape or not torch.equal(ex_idx, identity):
                 cache.batch_select_indices(ex_idx)  # one cache row per candidate; gather keeps the graph
@@ -254,8 +284,13 @@ def _candidate_states(
                 position_ids=comp_pos,
                 past_key_values=cache,
                 use_cache=True,
+                **hs,
             )
-            return torch.cat([prompt_last[ex_idx, None], out.last_hidden_state], dim=1), comp_ids, comp_mask
+            layer_states = None
+            if layers:
+                layer_states = torch.cat([prompt_layers[ex_idx], _layer_stack(out, layers, slice(None))], dim=1)
+            states = torch.cat([prompt_last[ex_idx, None], out.last_hidden_state], dim=1)
+            return states, comp_ids, comp_mask, layer_states
     # Concatenated path: [left-padded prompt ; right-padded completion] per candidate.
     P = prompt_ids.shape[1]
     out = parts.decoder(
@@ -263,8 +298,20 @@ def _candidate_states(
         attention_mask=torch.cat([prompt_mask[ex_idx], comp_mask], dim=1),
         position_ids=torch.cat([prompt_pos[ex_idx], comp_pos], dim=1),
         use_cache=False,
+        **hs,
     )
-    return out.last_hidden_state[:, P - 1 :], comp_ids, comp_mask
+    return out.last_hidden_state[:, P - 1 :], comp_ids, comp_mask, _layer_stack(out, layers, slice(P - 1, None))
+
+
+def _layer_stack(out, layers: bool, cols: slice) -> Tensor | None:
+    """``[N, T, L, H]``: the decoder layers' outputs (HF ``hidden_states[1:]``, embeddings dropped) at ``cols``."""
+    if not layers:
+        return None
+    hidden = getattr(out, "hidden_states", None)
+    if not hidden:
+        raise ValueError("causal_lm adapter: the decoder returned no hidden_states for output_hidden_states=True; "
+                         "per-layer activations (SparsePO masks) need a transformers decoder that supports it")
+    return torch.stack([h[:, cols] for h in hidden[1:]], dim=2)
 
 
 def _cache_disabled(parts: _Parts) -> bool:
@@ -406,6 +453,9 @@ def _chunked(
     return torch.cat(outs)
 
 
+_KL_DIRECTIONS = ("policy_ref", "ref_policy")
+
+
 def token_kl_chunked(
     policy_model: nn.Module,
     ref_model: nn.Module | None,
@@ -413,41 +463,86 @@ def token_kl_chunked(
     *,
     share_prompt: bool = True,
     chunk_size: int = 1024,
+    direction: str = "policy_ref",
 ) -> Tensor:
-    """Per-token ``KL(pi || pi_ref)`` over the full vocabulary at every scored completion position.
+    """Per-token KL between policy and reference over the full vocabulary at every scored completion position.
 
-    Returns ``[B, K, C]`` fp32, 0 where ``token_mask`` is False; differentiable w.r.t. the policy only.
-    ``ref_model=None`` means "the policy with its PEFT adapter disabled" (no second copy in memory). Both
-    models' logits are formed chunk by chunk, so at most two ``[chunk_size, V]`` blocks exist at once.
+    ``direction="policy_ref"``: ``KL(pi || pi_ref)``; ``"ref_policy"``: ``KL(pi_ref || pi)`` (TDPO's sequential
+    KL, arXiv 2404.11999). Returns ``[B, K, C]`` fp32, 0 where ``token_mask`` is False; differentiable w.r.t.
+    the policy only. ``ref_model=None`` means "the policy with its PEFT adapter disabled" (no second copy in
+    memory). Both models' logits are formed chunk by chunk (:func:`token_kl_from_states`), so at most two
+    ``[chunk_size, V]`` blocks exist at once.
     """
     parts = unwrap_causal_lm(policy_model)
-    if ref_model is None and parts.peft is None:
-        raise ValueError(
-            f"token_kl_chunked: ref_model=None needs a PEFT policy (the reference is its adapter "
-            f"disabled), got {type(policy_model).__name__}; pass a frozen reference model"
-        )
+    _check_ref(parts, policy_model, ref_model)
     ref_parts = parts if ref_model is None else unwrap_causal_lm(ref_model)
-    # Entering disable_adapter for the reference only, also inside backward's recomputation of a chunk.
     ref_ctx = parts.peft.disable_adapter if ref_model is None else contextlib.nullcontext
     rows, ex_idx, token_mask = _validate_and_select(batch)
     B, K, C = batch.completion_ids.shape
-    flat = torch.zeros(B * K, C, dtype=torch.float32, device=batch.completion_ids.device)
-    if rows.numel() > 0:
-        states, _, comp_mask = _candidate_states(parts, batch, rows, ex_idx, share_prompt)
+    if rows.numel() == 0:
+        return torch.zeros(B, K, C, dtype=torch.float32, device=batch.completion_ids.device)
+    states, _, comp_mask, _ = _candidate_states(parts, batch, rows, ex_idx, share_prompt)
+    with torch.no_grad(), ref_ctx():
+        ref_states = _candidate_states(ref_parts, batch, rows, ex_idx, share_prompt)[0]
+    sel = comp_mask.bool()
+    return token_kl_from_states(
+        policy_model, ref_model, _scatter_rows(states[:, :-1], sel, rows, B, K, C),
+        _scatter_rows(ref_states[:, :-1], sel, rows, B, K, C), token_mask, chunk_size=chunk_size,
+        direction=direction,
+    )
+
+
+def _check_ref(parts: _Parts, policy_model: nn.Module, ref_model: nn.Module | None) -> None:
+    if ref_model is None and parts.peft is None:
+        raise ValueError(
+            f"per-token KL: ref_model=None needs a PEFT policy (the reference is its adapter disabled), got "
+            f"{type(policy_model).__name__}; pass a frozen reference model"
+        )
+
+
+def token_kl_from_states(
+    policy_model: nn.Module,
+    ref_model: nn.Module | None,
+    states: Tensor,
+    ref_states: Tensor,
+    token_mask: Tensor,
+    *,
+    chunk_size: int = 1024,
+    direction: str = "policy_ref",
+) -> Tensor:
+    """Per-token KL from final hidden states (``score_batch(..., return_states=True)`` of each model).
+
+    ``states`` / ``ref_states``: ``[..., H]`` inputs of each model's ``lm_head`` (``ref_states`` is used
+    detached); ``token_mask``: ``[...]`` bool. Only masked-in rows are pushed through the two heads, at most
+    ``chunk_size`` rows at a time, each chunk recomputed in backward (activation checkpointing), so memory is
+    ``O(chunk_size * V)`` whatever the batch. ``ref_model=None``: the policy's head under ``disable_adapter``
+    (a reference that is the PEFT policy's base). Gradient flows into the policy's states and head only.
+    Returns fp32 ``[...]``, 0 where masked.
+    """
+    if direction not in _KL_DIRECTIONS:
+        raise ValueError(f"direction={direction!r} is not one of {list(_KL_DIRECTIONS)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1 (typical: 512-4096)")
+    if states.shape != ref_states.shape or states.shape[:-1] != token_mask.shape:
+        raise ValueError(f"per-token KL: states {tuple(states.shape)}, ref_states {tuple(ref_states.shape)} and "
+                         f"token_mask {tuple(token_mask.shape)} must agree ([..., H] and [...])")
+    parts = unwrap_causal_lm(policy_model)
+    _check_ref(parts, policy_model, ref_model)
+    ref_parts = parts if ref_model is None else unwrap_causal_lm(ref_model)
+    # Entering disable_adapter for the reference only, also inside backward's recomputation of a chunk.
+    ref_ctx = parts.peft.disable_adapter if ref_model is None else contextlib.nullcontext
+    sel = token_mask.bool()
+
+    def chunk_kl(h: Tensor, ref_h: Tensor) -> Tensor:
+        logps = _logits(h, parts.lm_head, parts.logit_transform).log_softmax(-1)
         with torch.no_grad(), ref_ctx():
-            ref_states = _candidate_states(ref_parts, batch, rows, ex_idx, share_prompt)[0]
-        sel = comp_mask.bool()
-
-        def chunk_kl(h: Tensor, ref_h: Tensor) -> Tensor:
-            logps = _logits(h, parts.lm_head, parts.logit_transform).log_softmax(-1)
-            with torch.no_grad(), ref_ctx():
-                ref_logps = _logits(ref_h, ref_parts.lm_head, ref_parts.logit_transform).log_softmax(-1)
+            ref_logps = _logits(ref_h, ref_parts.lm_head, ref_parts.logit_transform).log_softmax(-1)
+        if direction == "policy_ref":
             return (logps.exp() * (logps - ref_logps)).sum(-1)
+        return (ref_logps.exp() * (ref_logps - logps)).sum(-1)
 
-        kl = _chunked(chunk_kl, (states[:, :-1][sel], ref_states[:, :-1][sel]), parts.lm_head, chunk_size)
-        row_kl = torch.zeros(sel.shape, dtype=torch.float32, device=flat.device).masked_scatter(sel, kl)
-        flat = flat.index_copy(0, rows, F.pad(row_kl, (0, C - row_kl.shape[1])))
-    return flat.view(B, K, C)
+    kl = _chunked(chunk_kl, (states[sel], ref_states.detach()[sel]), parts.lm_head, chunk_size)
+    return torch.zeros(sel.shape, dtype=torch.float32, device=states.device).masked_scatter(sel, kl)
 
 
 def score_batch_naive(model: nn.Module, batch: TextBatch) -> Scores:

@@ -16,11 +16,19 @@ import torch
 from torch import nn
 
 from ..adapters.base import Scores, TextBatch
-from ..adapters.causal_lm import score_batch
-from ..config import ConfigError
+from ..adapters.causal_lm import score_batch, token_kl_from_states, unwrap_causal_lm
+from ..config import ConfigError, from_dict
 from ..schema import StageConfig, TrainConfig
 from ..train.loop import StageData
-from .text_losses import UNLEARNING, TextMethod, check_loss_kwargs, get_text_method, text_loss
+from .text_losses import (
+    UNLEARNING,
+    SparseMaskHeads,
+    TextMethod,
+    TokenOptions,
+    check_loss_kwargs,
+    get_text_method,
+    text_loss,
+)
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +152,23 @@ def _with_mismatched(batch: TextBatch) -> TextBatch:
                      batch.extras)
 
 
+MASK_HEADS = "sparsepo_mask_heads"  # submodule name on the policy, and ``<name>.pt`` beside the saved model
+
+
 class TextTask:
-    """Method recipe for causal LMs (see the module docstring)."""
+    """Method recipe for causal LMs (see the module docstring).
+
+    Token-level methods (``tdpo``, ``sparsepo``, ``sparsepo_activation``; research/llm_losses.md §5) need the
+    reference's per-token distribution, not only its sequence log-probs: :meth:`score` then also returns each
+    model's final hidden states at the completion positions (and, for the reference of a SparsePO run, every
+    layer's), and :meth:`loss` turns the two sets of states into per-token KL(pi_ref || pi) chunk by chunk
+    (:func:`~mmalign.adapters.causal_lm.token_kl_from_states`). SparsePO's learned mask heads
+    (:class:`~mmalign.methods.text_losses.SparseMaskHeads`) are a submodule of the policy, so the one optimizer
+    trains them with it (repo: joint training; its separate ``mask_weight_decay`` is not offered, the heads get
+    ``optim.weight_decay``), checkpoints hold them, and :meth:`save_pretrained` writes them to
+    ``sparsepo_mask_heads.pt`` beside the model. ``reference.strategy=precomputed`` caches sequence scores
+    only and is refused for these methods.
+    """
 
     def __init__(self, cfg: TrainConfig, *, tokenizer=None, model: nn.Module | None = None):
         self.cfg = cfg
@@ -159,6 +182,84 @@ class TextTask:
         self.merged = False  # a LoRA adapter was merged into the in-memory base (stage.merge_lora)
         self.tokenizer = tokenizer or build_tokenizer(cfg)
         self.model = model or build_model(cfg, self.tokenizer, value_head=self.method.value_head)
+        self.token_options = self._token_setup(cfg, methods)
+        self._ref_model: nn.Module | None = None  # a frozen/moving reference copy, seen when it scores a batch
+        self.mask_heads: SparseMaskHeads | None = None
+        if any(m.token_masks == "learned" for m in methods):
+            self.mask_heads = self._build_mask_heads()
+            self._attach_mask_heads()
+
+    # -- token-level methods ------------------------------------------------------------------------------
+    @staticmethod
+    def _token_setup(cfg: TrainConfig, methods: list[TextMethod]) -> TokenOptions:
+        if not any(m.token_kl for m in methods):
+            return TokenOptions()
+        opts = from_dict(TokenOptions, dict(cfg.options or {}), source="options")
+        errors = []
+        if cfg.reference.strategy == "precomputed":
+            errors.append("reference.strategy=precomputed caches sequence log-probs only, but loss "
+                          f"{cfg.loss.name!r} (token-level) needs the reference's per-token distribution and "
+                          "activations at every step; use reference.strategy=copy, or adapter with lora.enabled=true")
+        if opts.kl_chunk_size < 1:
+            errors.append(f"options.kl_chunk_size={opts.kl_chunk_size} must be >= 1 (typical: 512-4096)")
+        if not 0.0 <= opts.mask_dropout < 1.0:
+            errors.append(f"options.mask_dropout={opts.mask_dropout} must be in [0, 1)")
+        if opts.mask_max is not None and not opts.mask_max > 0:
+            errors.append(f"options.mask_max={opts.mask_max} must be > 0 or null (unbounded, as the repo)")
+        if not opts.mask_init > 0:
+            errors.append(f"options.mask_init={opts.mask_init} must be > 0 (0 starts every ReLU dead)")
+        if errors:
+            raise ConfigError(errors)
+        return opts
+
+    def _build_mask_heads(self) -> SparseMaskHeads:
+        config = unwrap_causal_lm(self.model).lm.config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        o = self.token_options
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.run.seed)
+            heads = SparseMaskHeads(config.hidden_size, config.num_hidden_layers, n_masks=2 if o.independent_masks
+                                    else 1, dropout=o.mask_dropout, max_value=o.mask_max, init=o.mask_init)
+        param = next(self.model.parameters())
+        return heads.to(device=param.device)
+
+    def _attach_mask_heads(self) -> None:
+        # A submodule of the policy: the loop's optimizer, DDP and checkpoints see it; PEFT froze the model's own
+        # weights before it was added, so its parameters stay trainable.
+        self.mask_heads.requires_grad_(True)
+        self.model.add_module(MASK_HEADS, self.mask_heads)
+
+    def _token_extras(self, policy: Scores, reference: Scores) -> Scores:
+        """The policy's Scores plus ``token_kl`` = KL(pi_ref || pi) per token and the SparsePO masks."""
+        if "states" not in policy.extras or reference is None or "states" not in reference.extras:
+            raise ValueError(f"loss {self.method.name!r} needs hidden states from TextTask.score for the policy "
+                             "and the reference (reference.strategy copy, sync, ema or adapter)")
+        ref_model = self._ref_model  # None: the PEFT policy with its adapter disabled
+        if ref_model is None and self.cfg.reference.strategy not in ("adapter", "auto"):
+            raise RuntimeError("per-token KL: the reference model has not scored a batch yet")
+        kl = token_kl_from_states(self.model, ref_model, policy.extras["states"], reference.extras["states"],
+                                  policy.token_mask, chunk_size=self.token_options.kl_chunk_size,
+                                  direction="ref_policy")
+        extras = {k: v for k, v in policy.extras.items() if k not in ("states", "layer_states")}
+        extras["token_kl"] = kl
+        if self.method.token_masks:
+            layers = reference.extras.get("layer_states")
+            if layers is None:
+                raise ValueError(f"loss {self.method.name!r} needs the reference's layer activations")
+            valid = policy.token_mask
+            if self.method.token_masks == "learned":
+                masks = self.mask_heads(layers) * valid[..., None]  # [B, K, C, n_masks]
+                extras["reward_mask"] = masks[..., 0]
+                if masks.shape[-1] > 1:
+                    extras["kl_mask"] = masks[..., 1]
+            else:
+                from ..losses import activation_token_mask
+
+                B, K, C, L, H = layers.shape
+                per_layer = [layers[..., i, :].reshape(B * K, C, H) for i in range(L)]
+                extras["reward_mask"] = activation_token_mask([per_layer], valid.reshape(B * K, C)).view(B, K, C)
+        return Scores(policy.logps, policy.token_logps, policy.token_mask, policy.lengths, policy.values,
+                      policy.embeddings, extras)
 
     # -- data ---------------------------------------------------------------------------------------------
     def _dataset(self, sources, dc, *, fmt: str | None = None):
@@ -191,6 +292,12 @@ class TextTask:
 
     # -- scores and loss ----------------------------------------------------------------------------------
     def score(self, model: nn.Module, batch: TextBatch) -> Scores:
+        if self.method.token_kl:
+            if unwrap_causal_lm(model).lm is not unwrap_causal_lm(self.model).lm:
+                self._ref_model = model  # a frozen or moving copy: its lm_head forms the reference logits
+            # Layer activations are read from the reference only (no grad: the loop scores it under no_grad).
+            layers = bool(self.method.token_masks) and not torch.is_grad_enabled()
+            return score_batch(model, batch, return_states=True, return_layer_states=layers)
         if self.method.mismatched_kl and batch.completion_ids.shape[0] > 1:
             s = score_batch(model, _with_mismatched(batch), compute_values=self.method.value_head)
             k = batch.num_candidates
@@ -199,6 +306,8 @@ class TextTask:
         return score_batch(model, batch, compute_values=self.method.value_head)
 
     def loss(self, policy: Scores, reference: Scores | None, batch: TextBatch, aux: Scores | None = None):
+        if self.method.token_kl:
+            policy = self._token_extras(policy, reference)
         return text_loss(self.method, policy, reference, batch, self.loss_kwargs, sft_weight=self.sft_weight,
                          retain=aux, retain_weight=self.retain_weight)
 
@@ -207,11 +316,24 @@ class TextTask:
         """``save_pretrained`` the model and tokenizer. A LoRA policy is saved as its adapter (TRL's layout);
         when the adapter's base exists only in memory (a random ``tiny`` model, or a base that earlier stages'
         adapters were merged into) that base is saved to ``path/base`` too and the adapter points at it, so
-        ``load_causal_lm(path)`` / ``PeftModel.from_pretrained`` reproduce the trained model."""
-        from ..models.text import ValueHeadModel
-
+        ``load_causal_lm(path)`` / ``PeftModel.from_pretrained`` reproduce the trained model. SparsePO's mask
+        heads go to ``sparsepo_mask_heads.pt`` (state dict + shape), not into the HF checkpoint."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        heads = model._modules.pop(MASK_HEADS, None)  # saved on their own: not part of the HF checkpoint
+        try:
+            self._save_pretrained(model, path)
+        finally:
+            if heads is not None:
+                model.add_module(MASK_HEADS, heads)
+        if heads is not None:
+            torch.save({"state_dict": heads.state_dict(), "hidden_size": heads.norm.normalized_shape[0],
+                        "num_layers": heads.num_layers, "n_masks": heads.n_masks, "max_value": heads.max_value},
+                       path / f"{MASK_HEADS}.pt")
+
+    def _save_pretrained(self, model: nn.Module, path: Path) -> None:
+        from ..models.text import ValueHeadModel
+
         peft_model = model.base if isinstance(model, ValueHeadModel) else model  # reward models: LM in .base
         if hasattr(peft_model, "peft_config") and (self.cfg.model.name_or_path == "tiny" or self.merged):
             base_dir = (path / "base").resolve()
@@ -240,3 +362,5 @@ class TextTask:
             holder.base = merged
         else:
             self.model = merged
+        if self.mask_heads is not None:  # merge_and_unload dropped the wrapper that held them
+            self._attach_mask_heads()

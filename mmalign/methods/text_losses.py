@@ -29,6 +29,8 @@ class TextMethod:
     mismatched_kl: bool = False  # KTO: score prompt i with completion i+1 too (reference point z0)
     citation: str = ""
     loss_fn: Callable[..., LossOutput] | None = None  # the pure loss whose keyword options loss.kwargs sets
+    token_kl: bool = False  # needs per-token KL(pi_ref || pi) from the task (TDPO, SparsePO): extras["token_kl"]
+    token_masks: str = ""  # SparsePO mask source: "learned" (mask heads) | "activation"; extras["reward_mask"]
 
 
 def _chosen_nll(p: Scores) -> torch.Tensor:
@@ -99,6 +101,32 @@ def _gradient_ascent(p: Scores, r, batch, kw: dict) -> LossOutput:
     return L.gradient_ascent(p.logps[:, 0], lengths=p.lengths[:, 0].float(), **kw)
 
 
+def _token_terms(p: Scores, r: Scores, name: str, *keys: str):
+    """Per-token log-ratios, KL and masks of chosen (0) and rejected (1), from what TextTask put in extras."""
+    missing = [k for k in keys if k not in p.extras]
+    if missing or r is None or r.token_logps is None:
+        raise ValueError(f"loss {name!r} needs per-token reference log-probs and extras {list(keys)} (missing "
+                         f"{missing}); TextTask computes them, so score with TextTask.score and TextTask.loss")
+    lr = p.token_logps - r.token_logps
+    return lr, p.token_mask
+
+
+def _tdpo(p: Scores, r: Scores, batch, kw: dict) -> LossOutput:
+    """TDPO1/TDPO2 (arXiv 2404.11999; ``loss.kwargs.variant``) on the adapter's per-token KL(pi_ref || pi)."""
+    lr, m = _token_terms(p, r, "tdpo", "token_kl")
+    kl = p.extras["token_kl"]
+    return L.tdpo(lr[:, 0], lr[:, 1], kl[:, 0], kl[:, 1], chosen_mask=m[:, 0], rejected_mask=m[:, 1], **kw)
+
+
+def _sparsepo(p: Scores, r: Scores, batch, kw: dict) -> LossOutput:
+    """SparsePO (arXiv 2410.05102): TDPO1 with token masks (learned heads or reference activations)."""
+    lr, m = _token_terms(p, r, "sparsepo", "token_kl", "reward_mask")
+    kl, mu, md = p.extras["token_kl"], p.extras["reward_mask"], p.extras.get("kl_mask")
+    return L.sparse_token_dpo(lr[:, 0], lr[:, 1], kl[:, 0], kl[:, 1], mu[:, 0], mu[:, 1],
+                              None if md is None else md[:, 0], None if md is None else md[:, 1],
+                              chosen_mask=m[:, 0], rejected_mask=m[:, 1], **kw)
+
+
 def ranking_order(labels: torch.Tensor, candidate_mask: torch.Tensor | None) -> torch.Tensor:
     """Rank positions per candidate (0 = best, NaN/masked = unranked) → candidate indices best-first, −1 pad."""
     ranks = labels.clone().float()
@@ -149,6 +177,11 @@ TEXT_METHODS: dict[str, TextMethod] = {
         TextMethod("rm", "pairs", False, _reward_model, value_head=True, citation="Bradley-Terry, TRL RewardTrainer",
                    loss_fn=L.bradley_terry),
         TextMethod("sft", "sft", False, _sft, loss_fn=L.nll),
+        TextMethod("tdpo", "pairs", True, _tdpo, token_kl=True, citation="arXiv 2404.11999", loss_fn=L.tdpo),
+        TextMethod("sparsepo", "pairs", True, _sparsepo, token_kl=True, token_masks="learned",
+                   citation="arXiv 2410.05102 (learned masks)", loss_fn=L.sparse_token_dpo),
+        TextMethod("sparsepo_activation", "pairs", True, _sparsepo, token_kl=True, token_masks="activation",
+                   citation="arXiv 2410.05102 (activation masks, 'MAPO' in the repo)", loss_fn=L.sparse_token_dpo),
     ]
 }
 
@@ -156,7 +189,8 @@ UNLEARNING = {"npo", "simnpo", "gradient_ascent"}
 
 # Keyword arguments the recipes fill from the batch (tensors); everything else keyword-only is a user option.
 _FROM_BATCH = {"chosen_lengths", "rejected_lengths", "nll_loss", "kl_ref_point", "lengths", "margin",
-               "candidate_mask", "sample_weight", "soft_target", "pair_weights", "udm_weight"}
+               "candidate_mask", "sample_weight", "soft_target", "pair_weights", "udm_weight", "chosen_mask",
+               "rejected_mask"}
 
 
 def get_text_method(name: str) -> TextMethod:
@@ -198,3 +232,59 @@ def text_loss(method: TextMethod, policy: Scores, ref: Scores | None, batch, kwa
         sft = L.nll(policy.token_logps[:, 0], policy.token_mask[:, 0])
         return L.combine([(method.name, 1.0, out), ("sft", sft_weight, sft)])
     return out
+
+
+# -- token-level methods: options and SparsePO's learned mask producer --------------------------------------------
+@dataclass
+class TokenOptions:
+    """``options:`` of the token-level recipes (tdpo, sparsepo, sparsepo_activation).
+
+    Attributes:
+        kl_chunk_size: most completion positions whose two ``[rows, V]`` logit blocks (policy, reference) exist at
+            once while the per-token KL is formed.
+        mask_dropout: dropout of SparsePO's mask heads (repo: 0.1).
+        mask_max: upper clamp of the learned mask (None: the repo's unbounded ReLU output).
+        mask_init: initial mask value (the heads start as TDPO1 scaled by it; see :class:`SparseMaskHeads`).
+        independent_masks: learn separate reward and KL masks (repo ``rw_kl_independent=True``, "indp").
+    """
+
+    kl_chunk_size: int = 1024
+    mask_dropout: float = 0.1
+    mask_max: float | None = 1.0
+    mask_init: float = 0.5
+    independent_masks: bool = False
+
+
+class SparseMaskHeads(torch.nn.Module):
+    """SparsePO's learned token mask (``mask_model="simple_all"``, ``huawei-noah/HEBO/SparsePO``
+    ``src/masks/mask_models.py``): a shared LayerNorm over each reference layer's hidden state, one
+    ``Linear(H, 1)`` + ReLU + dropout per layer, a bias-free ``Linear(L, 1)`` mixer, ReLU, dropout.
+
+    Input ``[..., L, H]`` (reference activations, no gradient), output ``[..., n_masks]`` >= 0.
+    Deviations: the output is clamped to ``max_value`` (default 1, so masks lie in [0, 1]; the repo leaves
+    them unbounded); the heads start at ``init`` for every token (per-layer weights N(0, 0.02), bias ``init``,
+    mixer 1/L) instead of PyTorch's default init, whose random signs often start the ReLUs dead or the masks
+    far from TDPO1; ``n_masks=2`` holds the reward and KL masks ("indp") in one module; LayerNorm eps 1e-5.
+    """
+
+    def __init__(self, hidden_size: int, num_layers: int, *, n_masks: int = 1, dropout: float = 0.1,
+                 max_value: float | None = 1.0, init: float = 0.5):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(hidden_size)
+        self.heads = torch.nn.Linear(hidden_size, num_layers * n_masks)  # all per-layer heads as one matmul
+        self.mixer = torch.nn.Parameter(torch.full((n_masks, num_layers), 1.0 / num_layers))
+        self.drop = torch.nn.Dropout(dropout)
+        self.num_layers, self.n_masks, self.max_value = num_layers, n_masks, max_value
+        with torch.no_grad():
+            self.heads.weight.normal_(0.0, 0.02)
+            self.heads.bias.fill_(init)
+
+    def forward(self, layer_states: torch.Tensor) -> torch.Tensor:
+        if layer_states.shape[-2] != self.num_layers:
+            raise ValueError(f"SparseMaskHeads: got {layer_states.shape[-2]} layers, built for {self.num_layers}")
+        h = self.norm(layer_states.to(self.heads.weight.dtype))  # [..., L, H]
+        w = self.heads.weight.view(self.n_masks, self.num_layers, -1)  # head (m, l) reads layer l
+        b = self.heads.bias.view(self.n_masks, self.num_layers)
+        per_layer = self.drop(torch.relu(torch.einsum("...lh,mlh->...ml", h, w) + b))
+        out = self.drop(torch.relu((per_layer * self.mixer).sum(-1)))  # [..., n_masks]
+        return out if self.max_value is None else out.clamp(max=self.max_value)
