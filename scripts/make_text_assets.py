@@ -54,8 +54,12 @@ def _split_by_difficulty(n_each: int, seed: int) -> tuple[list[dict], list[dict]
 def build(out: Path) -> list[Path]:
     """Write every asset file into ``out``; returns the paths written."""
     forget, retain = _split_by_difficulty(32, seed=6)
+    pairs = addition_rows(64, format="pairs", seed=1)
     files = {
-        "pairs.jsonl": addition_rows(64, format="pairs", seed=1),
+        "pairs.jsonl": pairs,
+        # configs/text/tiny_auto_pairs_curriculum.yaml: pairs.jsonl split by difficulty (0: no carry, 1: carry)
+        "pairs_easy.jsonl": [r for r in pairs if r["difficulty"] == 0],
+        "pairs_hard.jsonl": [r for r in pairs if r["difficulty"] == 1],
         "pairs_eval.jsonl": addition_rows(16, format="pairs", seed=101),
         "pairs_chat.jsonl": addition_rows(32, format="pairs", conversational=True, seed=2),
         "unpaired.jsonl": addition_rows(64, format="unpaired", seed=3),
