@@ -1,1 +1,1 @@
-"""eval"""
+"""Evaluation metrics: :mod:`mmalign.eval.clip` (modality gap, alignment, uniformity, zero-shot, retrieval)."""

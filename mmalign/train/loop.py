@@ -81,6 +81,8 @@ class Task(Protocol):
 
     def merge_lora(self) -> None: ...
 
+    # Optional: ``after_step(step)`` runs after every optimizer step; ``state_dict()``/``load_state_dict()`` put
+    # recipe state (beyond the weights) into checkpoints for exact resume.
     # Optional: ``prepare_batch(model, batch, step) -> batch`` runs before every training micro-batch is scored,
     # for methods whose candidates come from the current policy (online DPO/XPO, sampled negatives). It must be
     # deterministic given (step, batch) and the RNG state for exact resume.
@@ -359,6 +361,8 @@ def fit(task: Task, cfg: TrainConfig, accelerator=None) -> dict:
             scheduler.load_state_dict(saved["scheduler"])
             if not isinstance(reference, PrecomputedReference):
                 reference.load_state_dict(saved.get("reference", {}))
+            if hasattr(task, "load_state_dict") and "task" in saved:
+                task.load_state_dict(saved["task"])
             order.load_state_dict(resume_state["order"])
             if aux_order is not None and resume_state.get("aux_order"):
                 aux_order.load_state_dict(resume_state["aux_order"])
@@ -403,6 +407,8 @@ def fit(task: Task, cfg: TrainConfig, accelerator=None) -> dict:
             step_in_stage += 1
             global_step += 1
             reference.after_step(global_step, task.model)
+            if hasattr(task, "after_step"):  # per-step recipe state (weight averages, logit-scale clamps)
+                task.after_step(global_step)
 
             metrics = _mean_metrics([{k: float(v) for k, v in m.items()} for m in step_metrics])
             metrics = {k: _reduce(accelerator, v) for k, v in metrics.items()}
@@ -425,6 +431,8 @@ def fit(task: Task, cfg: TrainConfig, accelerator=None) -> dict:
                          "metrics": metrics, "eval": stage_eval, "eval_step": eval_step}
                 extra = {"scheduler": scheduler.state_dict(), "reference": reference.state_dict(),
                          "anchor_tables": anchors}
+                if hasattr(task, "state_dict"):  # recipe state beyond the weights (e.g. ZSCL's weight average)
+                    extra["task"] = task.state_dict()
                 ckpt.save_checkpoint(accelerator, out_dir, global_step, state, keep_last=cfg.run.keep_last,
                                      extra=extra)
         if progress is not None:
