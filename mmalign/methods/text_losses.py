@@ -119,7 +119,11 @@ def _tdpo(p: Scores, r: Scores, batch, kw: dict) -> LossOutput:
 
 
 def _sparsepo(p: Scores, r: Scores, batch, kw: dict) -> LossOutput:
-    """SparsePO (arXiv 2410.05102): TDPO1 with token masks (learned heads or reference activations)."""
+    """SparsePO (arXiv 2410.05102): TDPO1 with token masks (learned heads or reference activations).
+
+    Activation masks (``sparsepo_activation``; the repo's ``pref_optim="mapo"``) are built by TextTask from the
+    reference's decoder-layer outputs (the residual stream, HF ``hidden_states[1:]``) only; the repo also hooks
+    the MLP and attention outputs (``activation_hook="all"``) and averages the three hook types."""
     lr, m = _token_terms(p, r, "sparsepo", "token_kl", "reward_mask")
     kl, mu, md = p.extras["token_kl"], p.extras["reward_mask"], p.extras.get("kl_mask")
     return L.sparse_token_dpo(lr[:, 0], lr[:, 1], kl[:, 0], kl[:, 1], mu[:, 0], mu[:, 1],

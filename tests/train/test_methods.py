@@ -17,6 +17,9 @@ from .conftest import changed_frozen, config, non_finite_metrics, run, unchanged
 # method -> (data file, extra config sections). Unlearning methods get a retain set.
 METHOD_CASES = {
     "dpo": ("pairs", {}),
+    "tdpo": ("pairs", {}),
+    "sparsepo": ("pairs", {}),
+    "sparsepo_activation": ("pairs", {}),
     "simpo": ("pairs", {}),
     "alphapo": ("pairs", {"loss": {"name": "alphapo", "kwargs": {"alpha": 0.5}}}),
     "cpo": ("pairs", {}),
