@@ -25,7 +25,8 @@ set -euo pipefail
 
 usage() {
     # the comment block at the top of this file, without its leading '# '
-    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
+    # (other modalities' launchers exec this one and name their own file in MMALIGN_USAGE_FILE)
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${MMALIGN_USAGE_FILE:-$0}"
 }
 
 if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
