@@ -31,7 +31,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, *, lr: float | None = No
         # floating-point parameters on a device it supports.
         params = [p for g in groups for p in g["params"]]
         fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, **({"fused": True} if fused else {}))
+        extra = {"fused": True} if fused else {}
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, **extra)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr)
     if cfg.name == "adamw_8bit":
