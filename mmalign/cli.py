@@ -109,6 +109,12 @@ def demo(
 ) -> None:
     """Run a demo end to end and print its report."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        # Demo models are tiny: a second intra-op thread only adds spin-waits (measured several times slower on a
+        # shared 2-core machine). OMP_NUM_THREADS overrides this.
+        torch.set_num_threads(1)
     try:
         run = get_demo(name)
     except ValueError as err:
