@@ -68,10 +68,13 @@ def test_demo_report_shape_with_a_very_short_config(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_quick_settings_dpo_improves_the_reward(tmp_path):
-    """A reduced demo: DPO on reward-ranked pairs raises the mean reward on held-out seeds."""
+def test_demo_dpo_improves_the_reward(tmp_path):
+    """The default demo (≈ 3–5 CPU minutes): DPO on reward-ranked pairs raises the mean reward on held-out seeds
+    (measured 0.724 → 0.763, win-rate 0.66). A reduced run (300 SFT / 100 DPO steps, 6 pair seeds) did not
+    improve (0.700 → 0.694), so this test uses the defaults."""
     from mmalign.demos.diffusion import run
 
-    report = run(tmp_path, sft_steps=300, dpo_steps=100, self_npo_steps=40, pair_seeds=6, eval_seeds=2)
+    report = run(tmp_path)
     _check_report(tmp_path, report)
-    assert report["after"] > report["before"]
+    assert report["after"] > report["before"] + 0.01
+    assert report["settings"]["win_rate_dpo_vs_base"] > 0.5
