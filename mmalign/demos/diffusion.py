@@ -259,7 +259,9 @@ def _markdown(r: dict) -> str:
     return (
         "# mmalign demo: Diffusion-DPO, Self-NPO and NPO-guided CFG on coloured shapes\n\n"
         "Reward: caption colour agreement in [0, 1] (1 = the shape and background show exactly the colours the "
-        "caption names; a flat grey image scores ≈ 0.65). Same captions and seeds for every row.\n\n"
+        "caption names; a flat grey image scores ≈ 0.65). Half of the SFT images were faded (washed-out), so the base "
+        "model produces faded samples for some seeds. Same captions and seeds (held out from the pair seeds) for "
+        "every row.\n\n"
         f"| setting (CFG w = {s['guidance_scale']}, {s['sample_steps']} DDIM steps) | mean reward |\n|---|---|\n"
         f"| SFT base | {s['base']} |\n| Diffusion-DPO | {s['dpo']} |\n"
         f"| SFT base + NPO-CFG (Self-NPO, β = {s['npo_beta']}) | {s['base+npo_cfg']} ({d_npo_base:+}) |\n"
