@@ -15,8 +15,23 @@ import torch
 from torch import Tensor
 
 
+class DeviceMovable:
+    """``.to(device)`` for batch dataclasses: tensor fields and tensors in ``extras`` move; python values stay."""
+
+    def to(self, device: torch.device | str):
+        moved = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if torch.is_tensor(v):
+                v = v.to(device)
+            elif f.name == "extras":
+                v = {k: t.to(device) if torch.is_tensor(t) else t for k, t in v.items()}
+            moved[f.name] = v
+        return type(self)(**moved)
+
+
 @dataclass
-class TextBatch:
+class TextBatch(DeviceMovable):
     """A tokenised batch of B examples with K completions each.
 
     Prompts are left-padded (so every prompt ends at the same position and its KV cache can be shared by all
@@ -51,16 +66,6 @@ class TextBatch:
     def num_candidates(self) -> int:
         return self.completion_ids.shape[1]
 
-    def to(self, device: torch.device | str) -> TextBatch:
-        moved = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if torch.is_tensor(v):
-                v = v.to(device)
-            elif f.name == "extras":
-                v = {k: t.to(device) if torch.is_tensor(t) else t for k, t in v.items()}
-            moved[f.name] = v
-        return TextBatch(**moved)
 
 
 @dataclass

@@ -20,19 +20,19 @@ The gathered ``[world·B, D]`` features are added as ``image_all``/``text_all`` 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Scores
+from .base import DeviceMovable, Scores
 
 MAX_LOGIT_SCALE = math.log(100.0)
 
 
 @dataclass
-class ImageTextBatch:
+class ImageTextBatch(DeviceMovable):
     """B image–caption pairs (or B images, or B captions).
 
     Attributes:
@@ -55,16 +55,6 @@ class ImageTextBatch:
         x = self.pixel_values if self.pixel_values is not None else self.input_ids
         return 0 if x is None else x.shape[0]
 
-    def to(self, device: torch.device | str) -> ImageTextBatch:
-        moved = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if torch.is_tensor(v):
-                v = v.to(device)
-            elif f.name == "extras":
-                v = {k: t.to(device) if torch.is_tensor(t) else t for k, t in v.items()}
-            moved[f.name] = v
-        return ImageTextBatch(**moved)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

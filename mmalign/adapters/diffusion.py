@@ -28,13 +28,13 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import Tensor, nn
 
-from .base import Scores
+from .base import DeviceMovable, Scores
 
 __all__ = ["DiffusionAdapter", "ImageBatch", "NoiseSampler", "example_seed"]
 
 
 @dataclass
-class ImageBatch:
+class ImageBatch(DeviceMovable):
     """A batch of B examples (one caption each) with K candidate images.
 
     Attributes:
@@ -76,16 +76,6 @@ class ImageBatch:
     def device(self) -> torch.device:
         return self.extras["noise"].device
 
-    def to(self, device: torch.device | str) -> ImageBatch:
-        moved = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if torch.is_tensor(v):
-                v = v.to(device)
-            elif f.name == "extras":
-                v = {k: t.to(device) if torch.is_tensor(t) else t for k, t in v.items()}
-            moved[f.name] = v
-        return ImageBatch(**moved)
 
 
 def example_seed(seed: int, index: int, epoch: int) -> int:
