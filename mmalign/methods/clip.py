@@ -224,11 +224,12 @@ class ClipTask:
             return {k: v.detach() for k, v in self.teacher.initial_params(device).items()}
         return {k: v.to(device) for k, v in self._initial.items()}
 
-    def final_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+    def final_state_dict(self, model: nn.Module, current: dict | None = None) -> dict[str, torch.Tensor]:
         """What ``save_pretrained`` writes: the weight average when one is kept (ZSCL saves ``we_model``), then
-        WiSE-FT with the initial weights when ``clip.final_wise_alpha`` < 1."""
+        WiSE-FT with the initial weights when ``clip.final_wise_alpha`` < 1. ``current``: the model's weights
+        gathered from a sharded run (default: its own ``state_dict()``)."""
         model = getattr(model, "module", model)
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        state = {k: v.detach().clone() for k, v in (model.state_dict() if current is None else current).items()}
         if self._avg is not None and self._avg_count:
             state.update({k: v.to(state[k].dtype) for k, v in self._avg.items()})
         alpha = self.cfg.clip.final_wise_alpha
@@ -238,11 +239,11 @@ class ClipTask:
                 state[k] = (alpha * state[k].float() + (1 - alpha) * v.float()).to(state[k].dtype)
         return state
 
-    def save_pretrained(self, model: nn.Module, path: Path) -> None:
+    def save_pretrained(self, model: nn.Module, path: Path, state_dict: dict | None = None) -> None:
         if self._avg is not None and self._avg_count == 0:
             log.warning("clip.weight_average=%s but no average was taken (after_step never ran, or the run was "
                         "shorter than one update): saving the current weights", self.cfg.clip.weight_average)
-        save_clip(self.bundle, path, model, state_dict=self.final_state_dict(model))
+        save_clip(self.bundle, path, model, state_dict=self.final_state_dict(model, state_dict))
 
     def merge_lora(self) -> None:
         raise ConfigError("stage.merge_lora needs LoRA, which modality=clip does not support")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib
-import json
 import logging
 import math
 from collections.abc import Callable
@@ -328,26 +327,15 @@ class DiffusionTask:
         return out
 
     # -- model lifecycle ------------------------------------------------------------------------------------
-    def save_pretrained(self, model: nn.Module, path: Path) -> None:
+    def save_pretrained(self, model: nn.Module, path: Path, state_dict: dict | None = None) -> None:
         """LoRA: ``pytorch_lora_weights.safetensors`` for ``Pipeline.load_lora_weights(path)``; full: the denoiser
         as a diffusers subfolder (``unet/`` or ``transformer/``) for ``from_pretrained(path, subfolder=...)``.
         A tiny base is saved beside it (``base_pipeline/``) since it cannot be rebuilt from a hub id."""
-        from ..models.diffusion import save_lora
+        from ..models.diffusion import save_denoiser_run
 
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        comps, model = self.components, getattr(model, "module", model)
-        lora = hasattr(model, "peft_config")
-        if lora:
-            save_lora(model, comps.kind, path)
-        else:
-            model.save_pretrained(str(path / ("transformer" if comps.kind == "sd3" else "unet")))
-        if self._tiny_base is not None:
-            comps.pipeline(self._tiny_base).save_pretrained(str(path / "base_pipeline"))
-        info = {"kind": comps.kind, "prediction_type": comps.prediction_type, "format": "lora" if lora else "full",
-                "base": comps.source, "method": self.method.name,
-                "reversed_preferences": self.method.name == "npo_diffusion" or self.cfg.diffusion.reverse_preferences}
-        (path / "mmalign_diffusion.json").write_text(json.dumps(info, indent=2))
+        reversed_ = self.method.name == "npo_diffusion" or self.cfg.diffusion.reverse_preferences
+        save_denoiser_run(self.components, model, path, tiny_base=self._tiny_base, state_dict=state_dict,
+                          info={"method": self.method.name, "reversed_preferences": reversed_})
 
     def merge_lora(self) -> None:
         from ..models.diffusion import apply_lora

@@ -402,8 +402,8 @@ class PriorTask:
         return prior_loss(policy, batch, self.pc.normalize)
 
     # -- model lifecycle ------------------------------------------------------------------------------------
-    def save_pretrained(self, model: nn.Module, path: Path) -> None:
-        save_lvlm(model, self.inputs, path)
+    def save_pretrained(self, model: nn.Module, path: Path, state_dict: dict | None = None) -> None:
+        save_lvlm(model, self.inputs, path, state_dict=state_dict)
 
     def merge_lora(self) -> None:
         lc = self.cfg.lora

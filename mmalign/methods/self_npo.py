@@ -552,8 +552,13 @@ class SelfNPOTask:
                 m.to(device)
 
     # -- model lifecycle --------------------------------------------------------------------------------------------
-    def save_pretrained(self, model: nn.Module, path) -> None:
-        _save_denoiser(self, model, path)
+    def save_pretrained(self, model: nn.Module, path, state_dict: dict | None = None) -> None:
+        """The layout of every diffusion run (:func:`mmalign.models.diffusion.save_denoiser_run`), so the sampler
+        and :mod:`mmalign.methods.npo` read Self-NPO results like any other."""
+        from ..models.diffusion import save_denoiser_run
+
+        save_denoiser_run(self.components, model, path, tiny_base=self._tiny_base, state_dict=state_dict,
+                          info={"method": "self_npo", "self_npo": dict(vars(self.opts))})
 
     def merge_lora(self) -> None:
         raise NotImplementedError("stage.merge_lora is not supported by self_npo (use one stage)")
@@ -568,27 +573,3 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def _has_lora(model: nn.Module) -> bool:
     return hasattr(_unwrap(model), "peft_config")
-
-
-def _save_denoiser(task: SelfNPOTask, model: nn.Module, path) -> None:
-    """The layout of :meth:`mmalign.methods.diffusion.DiffusionTask.save_pretrained` (so the sampler and
-    :mod:`mmalign.methods.npo` read Self-NPO results like any other diffusion run): LoRA →
-    ``pytorch_lora_weights.safetensors``; full → ``unet/`` or ``transformer/``; a tiny base → ``base_pipeline/``."""
-    import json
-    from pathlib import Path
-
-    from ..models.diffusion import save_lora
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    comps, model = task.components, _unwrap(model)
-    lora = _has_lora(model)
-    if lora:
-        save_lora(model, comps.kind, path)
-    else:
-        model.save_pretrained(str(path / ("transformer" if comps.kind == "sd3" else "unet")))
-    if task._tiny_base is not None:
-        comps.pipeline(task._tiny_base).save_pretrained(str(path / "base_pipeline"))
-    info = {"kind": comps.kind, "prediction_type": comps.prediction_type, "format": "lora" if lora else "full",
-            "base": comps.source, "method": "self_npo", "self_npo": {k: v for k, v in vars(task.opts).items()}}
-    (path / "mmalign_diffusion.json").write_text(json.dumps(info, indent=2, default=str))

@@ -18,6 +18,7 @@ from torch import nn
 from ..adapters.base import Scores, TextBatch
 from ..adapters.causal_lm import score_batch, token_kl_from_states, unwrap_causal_lm
 from ..config import ConfigError, from_dict
+from ..models import sub_state_dict
 from ..schema import StageConfig, TrainConfig
 from ..train.loop import StageData
 from .text_losses import (
@@ -312,40 +313,33 @@ class TextTask:
                          retain=aux, retain_weight=self.retain_weight)
 
     # -- model lifecycle ----------------------------------------------------------------------------------
-    def save_pretrained(self, model: nn.Module, path: Path) -> None:
+    def save_pretrained(self, model: nn.Module, path: Path, state_dict: dict | None = None) -> None:
         """``save_pretrained`` the model and tokenizer. A LoRA policy is saved as its adapter (TRL's layout);
         when the adapter's base exists only in memory (a random ``tiny`` model, or a base that earlier stages'
         adapters were merged into) that base is saved to ``path/base`` too and the adapter points at it, so
         ``load_causal_lm(path)`` / ``PeftModel.from_pretrained`` reproduce the trained model. SparsePO's mask
-        heads go to ``sparsepo_mask_heads.pt`` (state dict + shape), not into the HF checkpoint."""
+        heads go to ``sparsepo_mask_heads.pt`` (state dict + shape), not into the HF checkpoint.
+        ``state_dict``: the full weights of a sharded run (keys relative to ``model``), written instead of the
+        model's own tensors."""
+        from ..models.text import save_causal_lm
+
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         heads = model._modules.pop(MASK_HEADS, None)  # saved on their own: not part of the HF checkpoint
+        heads_state = None if heads is None else (
+            heads.state_dict() if state_dict is None else sub_state_dict(state_dict, f"{MASK_HEADS}."))
+        if state_dict is not None:
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(f"{MASK_HEADS}.")}
         try:
-            self._save_pretrained(model, path)
+            save_causal_lm(model, self.tokenizer, path, state_dict=state_dict,
+                           in_memory_base=self.cfg.model.name_or_path == "tiny" or self.merged)
         finally:
             if heads is not None:
                 model.add_module(MASK_HEADS, heads)
         if heads is not None:
-            torch.save({"state_dict": heads.state_dict(), "hidden_size": heads.norm.normalized_shape[0],
+            torch.save({"state_dict": heads_state, "hidden_size": heads.norm.normalized_shape[0],
                         "num_layers": heads.num_layers, "n_masks": heads.n_masks, "max_value": heads.max_value},
                        path / f"{MASK_HEADS}.pt")
-
-    def _save_pretrained(self, model: nn.Module, path: Path) -> None:
-        from ..models.text import ValueHeadModel
-
-        peft_model = model.base if isinstance(model, ValueHeadModel) else model  # reward models: LM in .base
-        if hasattr(peft_model, "peft_config") and (self.cfg.model.name_or_path == "tiny" or self.merged):
-            base_dir = (path / "base").resolve()
-            inner = peft_model.get_base_model()
-            # The base's own weights: drop the LoRA factors, undo peft's `.base_layer` renaming.
-            state = {k.replace(".base_layer.", "."): v for k, v in inner.state_dict().items() if "lora_" not in k}
-            inner.save_pretrained(str(base_dir), state_dict=state)
-            self.tokenizer.save_pretrained(str(base_dir))
-            for adapter_cfg in peft_model.peft_config.values():
-                adapter_cfg.base_model_name_or_path = str(base_dir)
-        model.save_pretrained(str(path))
-        self.tokenizer.save_pretrained(str(path))
 
     def merge_lora(self) -> None:
         from ..models.text import ValueHeadModel, apply_lora

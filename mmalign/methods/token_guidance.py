@@ -208,12 +208,16 @@ class TokenRewardModel(nn.Module):
         r = _squash(self.head(h.to(self.head[0].weight.dtype)).squeeze(-1).float(), self.squash)
         return torch.where(batch.completion_mask.reshape(b * k, c).bool(), r, torch.zeros_like(r)).view(b, k, c)
 
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path, state_dict: dict | None = None) -> None:
+        """``state_dict`` (keys ``backbone.*`` / ``head.*``) replaces the modules' own weights."""
         from safetensors.torch import save_file
 
+        from ..models import sub_state_dict
+
         path = Path(path)
-        self.backbone.save_pretrained(str(path))
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
+        self.backbone.save_pretrained(str(path), state_dict=sub_state_dict(state_dict, "backbone."))
+        head = self.head.state_dict() if state_dict is None else sub_state_dict(state_dict, "head.")
+        save_file({k: v.detach().cpu().contiguous() for k, v in head.items()},
                   str(path / "token_reward_head.safetensors"))
         (path / "token_reward_head.json").write_text(json.dumps({"head_hidden": self.head_hidden,
                                                                  "squash": self.squash}))
@@ -455,27 +459,20 @@ class TokenGuidanceTask:
         return LossOutput(out.loss, out.per_example, {**metrics, **_sample_metrics(batch)})
 
     # -- model lifecycle ----------------------------------------------------------------------------------
-    def save_pretrained(self, model: nn.Module, path: Path) -> None:
+    def save_pretrained(self, model: nn.Module, path: Path, state_dict: dict | None = None) -> None:
         """The policy (and tokenizer) at ``path`` as TextTask writes an LM; the token-reward model in
-        ``path/token_reward_model`` (:meth:`TokenRewardModel.from_pretrained` reads it)."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        policy = getattr(model, "policy", model)
-        if hasattr(policy, "peft_config") and self.cfg.model.name_or_path == "tiny":
-            # A LoRA adapter over a random in-memory base: save that base too and point the adapter at it, so
-            # that load_causal_lm(path) rebuilds the trained policy (TextTask does the same).
-            base_dir = (path / "base").resolve()
-            inner = policy.get_base_model()
-            state = {k.replace(".base_layer.", "."): v for k, v in inner.state_dict().items() if "lora_" not in k}
-            inner.save_pretrained(str(base_dir), state_dict=state)
-            self.tokenizer.save_pretrained(str(base_dir))
-            for adapter_cfg in policy.peft_config.values():
-                adapter_cfg.base_model_name_or_path = str(base_dir)
-        policy.save_pretrained(str(path))
-        self.tokenizer.save_pretrained(str(path))
+        ``path/token_reward_model`` (:meth:`TokenRewardModel.from_pretrained` reads it). ``state_dict``: the
+        gathered weights of a sharded run (keys relative to ``model``)."""
+        from ..models import sub_state_dict
+        from ..models.text import save_causal_lm
+
+        wrapped = hasattr(model, "policy")
+        policy = model.policy if wrapped else model
+        save_causal_lm(policy, self.tokenizer, path, in_memory_base=self.cfg.model.name_or_path == "tiny",
+                       state_dict=sub_state_dict(state_dict, "policy.") if wrapped else state_dict)
         reward = getattr(model, "reward", None)
         if reward is not None:
-            reward.save_pretrained(Path(path) / "token_reward_model")
+            reward.save_pretrained(Path(path) / "token_reward_model", state_dict=sub_state_dict(state_dict, "reward."))
 
     def merge_lora(self) -> None:
         raise ConfigError("stage.merge_lora is not supported by token_guidance")

@@ -498,14 +498,16 @@ def apply_lora(denoiser: nn.Module, *, r: int = 8, alpha: int | None = None, dro
     return get_peft_model(denoiser, config)
 
 
-def lora_layers_for_diffusers(peft_model: nn.Module) -> tuple[dict[str, Tensor], dict]:
+def lora_layers_for_diffusers(peft_model: nn.Module, state_dict: dict | None = None
+                              ) -> tuple[dict[str, Tensor], dict]:
     """``(state_dict, adapter metadata)`` of a PEFT-wrapped denoiser in the layout that
     ``Pipeline.save_lora_weights`` writes and ``load_lora_weights`` reads (module paths without PEFT's
-    ``base_model.model.`` prefix, diffusers key names), as diffusers' training scripts produce them."""
+    ``base_model.model.`` prefix, diffusers key names), as diffusers' training scripts produce them.
+    ``state_dict``: the model's full weights gathered from a sharded run, read instead of its own."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(peft_model)
+    state = get_peft_model_state_dict(peft_model, state_dict=state_dict)
     prefix = "base_model.model."
     state = {(k[len(prefix):] if k.startswith(prefix) else k): v.detach().float().cpu().contiguous()
              for k, v in state.items()}
@@ -514,9 +516,9 @@ def lora_layers_for_diffusers(peft_model: nn.Module) -> tuple[dict[str, Tensor],
     return convert_state_dict_to_diffusers(state), meta
 
 
-def save_lora(peft_model: nn.Module, kind: str, path: str | os.PathLike) -> Path:
+def save_lora(peft_model: nn.Module, kind: str, path: str | os.PathLike, state_dict: dict | None = None) -> Path:
     """Write ``pytorch_lora_weights.safetensors`` that ``Pipeline.load_lora_weights(path)`` loads."""
-    layers, meta = lora_layers_for_diffusers(peft_model)
+    layers, meta = lora_layers_for_diffusers(peft_model, state_dict)
     cls = pipeline_class(kind)
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -525,3 +527,40 @@ def save_lora(peft_model: nn.Module, kind: str, path: str | os.PathLike) -> Path
     else:
         cls.save_lora_weights(str(out), unet_lora_layers=layers, unet_lora_adapter_metadata=meta)
     return out
+
+
+def save_denoiser_run(components, model: nn.Module, path: str | os.PathLike, *, info: dict,
+                      tiny_base: nn.Module | None = None, state_dict: dict | None = None) -> Path:
+    """The final layout of every diffusion run (Diffusion-DPO/NPO/SFT and Self-NPO), which the sampler and
+    :mod:`mmalign.methods.npo` read: LoRA → ``pytorch_lora_weights.safetensors`` (``load_lora_weights``);
+    full → the denoiser as a diffusers subfolder (``unet/`` or ``transformer/``); a tiny base, which cannot be
+    rebuilt from a hub id, → ``base_pipeline/``; ``info`` (+ kind, prediction type, format, base) →
+    ``mmalign_diffusion.json``. ``state_dict``: gathered weights of a sharded run, written instead of the
+    model's own."""
+    import json
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model = getattr(model, "module", model)
+    lora = hasattr(model, "peft_config")
+    if lora:
+        save_lora(model, components.kind, path, state_dict)
+    else:
+        folder = str(path / ("transformer" if components.kind == "sd3" else "unet"))
+        if state_dict is None:
+            model.save_pretrained(folder)
+        else:
+            # diffusers' ModelMixin.save_pretrained has no state_dict argument (extra kwargs are silently
+            # ignored) but reads self.state_dict(): shadow it on the instance for this one call, so the file
+            # layout (shards, index, config) stays diffusers' own.
+            model.state_dict = lambda *args, **kwargs: state_dict
+            try:
+                model.save_pretrained(folder)
+            finally:
+                del model.state_dict
+    if tiny_base is not None:
+        components.pipeline(tiny_base).save_pretrained(str(path / "base_pipeline"))
+    meta = {"kind": components.kind, "prediction_type": components.prediction_type,
+            "format": "lora" if lora else "full", "base": components.source, **info}
+    (path / "mmalign_diffusion.json").write_text(json.dumps(meta, indent=2, default=str))
+    return path

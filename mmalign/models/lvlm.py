@@ -157,14 +157,19 @@ class PatchLVLM(nn.Module):
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
         unwrap_causal_lm(self.lm).lm.gradient_checkpointing_enable(**kwargs)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """The LM (or its PEFT adapter) as a normal causal-LM checkpoint, the patch embedding beside it."""
+    def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict | None = None,
+                        **kwargs: Any) -> None:
+        """The LM (or its PEFT adapter) as a normal causal-LM checkpoint, the patch embedding beside it;
+        ``state_dict`` (keys ``lm.*`` / ``patch_embed.*``) replaces the modules' own weights."""
         from safetensors.torch import save_file
+
+        from . import sub_state_dict
 
         path = Path(save_directory)
         path.mkdir(parents=True, exist_ok=True)
-        self.lm.save_pretrained(str(path), **kwargs)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.patch_embed.state_dict().items()}
+        self.lm.save_pretrained(str(path), state_dict=sub_state_dict(state_dict, "lm."), **kwargs)
+        embed = self.patch_embed.state_dict() if state_dict is None else sub_state_dict(state_dict, "patch_embed.")
+        state = {k: v.detach().cpu().contiguous() for k, v in embed.items()}
         save_file(state, str(path / PATCH_WEIGHTS_FILE))
         (path / PATCH_CONFIG_FILE).write_text(json.dumps(self.settings(), indent=1))
 
@@ -363,22 +368,27 @@ def _base_is_loadable(model: nn.Module) -> bool:
     return bool(name) and Path(name).is_dir()
 
 
-def save_lvlm(model: nn.Module, inputs: LVLMInputs, path: str | os.PathLike) -> Path:
+def save_lvlm(model: nn.Module, inputs: LVLMInputs, path: str | os.PathLike, *,
+              state_dict: dict | None = None) -> Path:
     """``save_pretrained`` the model and its tokenizer/processor so that :func:`load_lvlm` reads them back.
 
     A LoRA model whose base is on disk saves only the adapter (as TRL does); one whose base was built in
-    process (tiny) is saved merged, since its base could not be found again.
+    process (tiny) is saved merged, since its base could not be found again. ``state_dict`` (keys relative
+    to ``model``): the gathered weights of a sharded run, written instead of the model's own.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     is_peft = hasattr(model, "peft_config") or (isinstance(model, PatchLVLM) and hasattr(model.lm, "peft_config"))
     if is_peft and not _base_is_loadable(model):
         model = copy.deepcopy(model)
+        if state_dict is not None:  # an unsharded copy to merge into: load the gathered weights first
+            model.load_state_dict(state_dict)
+            state_dict = None
         if isinstance(model, PatchLVLM):
             model.lm = model.lm.merge_and_unload()
         else:
             model = model.merge_and_unload()
-    model.save_pretrained(str(path))
+    model.save_pretrained(str(path), state_dict=state_dict)
     inputs.save_pretrained(path)
     return path
 

@@ -135,18 +135,54 @@ class ValueHeadModel(nn.Module):
     def generate(self, *args: Any, **kwargs: Any):
         return self.base.generate(*args, **kwargs)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """Writes the base model (or its PEFT adapter) with ``save_pretrained`` and the head beside it."""
+    def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict | None = None,
+                        **kwargs: Any) -> None:
+        """Writes the base model (or its PEFT adapter) with ``save_pretrained`` and the head beside it;
+        ``state_dict`` (keys ``base.*`` / ``v_head.*``) replaces the modules' own weights."""
         from safetensors.torch import save_file
 
-        self.base.save_pretrained(save_directory, **kwargs)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.v_head.state_dict().items()}
+        from . import sub_state_dict
+
+        self.base.save_pretrained(save_directory, state_dict=sub_state_dict(state_dict, "base."), **kwargs)
+        head = self.v_head.state_dict() if state_dict is None else sub_state_dict(state_dict, "v_head.")
+        state = {k: v.detach().cpu().contiguous() for k, v in head.items()}
         save_file(state, str(Path(save_directory) / VALUE_HEAD_FILE))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **load_kwargs: Any) -> ValueHeadModel:
         """Loads what :meth:`save_pretrained` wrote; ``load_kwargs`` go to :func:`load_causal_lm`."""
         return load_causal_lm(path, value_head=True, **load_kwargs)
+
+
+def save_causal_lm(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, in_memory_base: bool = False,
+                   state_dict: dict | None = None) -> Path:
+    """``save_pretrained`` a causal LM (full, PEFT adapter, or :class:`ValueHeadModel`) and its tokenizer.
+
+    ``in_memory_base``: a LoRA adapter whose base exists only in memory (a random ``tiny`` model, or a base
+    that earlier adapters were merged into) — that base is saved to ``path/base`` as well and the adapter
+    points at it, so :func:`load_causal_lm` / ``PeftModel.from_pretrained`` rebuild the trained model.
+    ``state_dict`` (keys relative to ``model``): the gathered weights of a sharded run, written instead of
+    the model's own tensors."""
+    from . import sub_state_dict
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    value_head = isinstance(model, ValueHeadModel)
+    peft_model = model.base if value_head else model  # reward models: LM in .base
+    if in_memory_base and hasattr(peft_model, "peft_config"):
+        base_dir = (path / "base").resolve()
+        inner = peft_model.get_base_model()
+        source = (inner.state_dict() if state_dict is None else
+                  sub_state_dict(state_dict, "base.base_model.model." if value_head else "base_model.model."))
+        # The base's own weights: drop the LoRA factors, undo peft's `.base_layer` renaming.
+        base_state = {k.replace(".base_layer.", "."): v for k, v in source.items() if "lora_" not in k}
+        inner.save_pretrained(str(base_dir), state_dict=base_state)
+        tokenizer.save_pretrained(str(base_dir))
+        for adapter_cfg in peft_model.peft_config.values():
+            adapter_cfg.base_model_name_or_path = str(base_dir)
+    model.save_pretrained(str(path), state_dict=state_dict)
+    tokenizer.save_pretrained(str(path))
+    return path
 
 
 def load_causal_lm(

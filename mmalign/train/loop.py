@@ -77,7 +77,9 @@ class Task(Protocol):
 
     def loss(self, policy: Scores, reference: Scores | None, batch, aux: Scores | None = None) -> LossOutput: ...
 
-    def save_pretrained(self, model: nn.Module, path: Path) -> None: ...
+    def save_pretrained(self, model: nn.Module, path: Path, state_dict: dict | None = None) -> None: ...
+    # ``state_dict``: the full weights gathered from sharded ranks (FSDP / ZeRO-3; keys relative to ``model``),
+    # to be written instead of ``model``'s own (which hold one rank's shards). ``None`` on unsharded runs.
 
     def merge_lora(self) -> None: ...
 
@@ -104,6 +106,32 @@ class _Scorer(nn.Module):
     def _no_split_modules(self):
         # FSDP's transformer auto-wrap looks for the decoder-layer class here (transformers models carry it).
         return getattr(self.model, "_no_split_modules", None)
+
+
+# Tests set this to True to take the gathered-state path on one process (accelerate's get_state_dict then
+# returns the unwrapped model's state dict), which is the only way to exercise it without GPUs.
+FORCE_GATHERED_SAVE = False
+
+
+def gathered_state_dict(accelerator, model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The policy's full state dict when its weights are sharded across ranks (FSDP, DeepSpeed ZeRO-3), else
+    ``None`` (each process holds the whole model and the task saves it directly).
+
+    A sharded model's own ``state_dict()`` on the main process holds only that rank's shards, so the final
+    ``save_pretrained`` would write a broken checkpoint; accelerate's ``get_state_dict`` gathers full tensors
+    (to CPU, on the main rank; ZeRO-3 needs ``zero3_save_16bit_model: true``) and must run on every rank, as
+    HF ``Trainer`` does. Keys are relative to ``task.model`` (the ``_Scorer`` wrapper's ``model.`` is dropped);
+    tasks write them with ``save_pretrained(..., state_dict=...)``."""
+    from accelerate.utils import DistributedType
+
+    dtype = accelerator.distributed_type
+    zero3 = (dtype == DistributedType.DEEPSPEED
+             and accelerator.deepspeed_config.get("zero_optimization", {}).get("stage") == 3)
+    if not (dtype == DistributedType.FSDP or zero3 or FORCE_GATHERED_SAVE):
+        return None
+    state = accelerator.get_state_dict(model)
+    prefix = "model."
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def resolve_stages(cfg: TrainConfig) -> list[StageConfig]:
@@ -446,10 +474,15 @@ def fit(task: Task, cfg: TrainConfig, accelerator=None) -> dict:
                                   "data": dict(data.stats)})
 
     accelerator.wait_for_everyone()
-    if cfg.run.save_final and accelerator.is_main_process:
+    if cfg.run.save_final:
         final = out_dir / "final"
-        task.save_pretrained(task.model, final)
-        summary["final_model"] = str(final)
+        full_state = gathered_state_dict(accelerator, model)  # collective: every rank takes part
+        if accelerator.is_main_process:
+            if full_state is None:
+                task.save_pretrained(task.model, final)
+            else:
+                task.save_pretrained(task.model, final, state_dict=full_state)
+            summary["final_model"] = str(final)
     accelerator.wait_for_everyone()  # no process returns (and reads final/) before it is written
     logger.close()
     summary.update(global_step=global_step, stage_steps=stage_steps, seconds=round(time.time() - t0, 2),
