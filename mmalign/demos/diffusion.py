@@ -1,5 +1,6 @@
 """``mmalign demo diffusion``: pretrain a tiny text-to-image model on coloured shapes, align it with
-Diffusion-DPO on reward-ranked self-generated pairs, train a Self-NPO negative model, and measure NPO-guided CFG.
+Diffusion-DPO on reward-ranked self-generated pairs, train Diffusion-NPO and Self-NPO negative models, and measure
+NPO-guided CFG with each.
 
 1. SFT: a random tiny pixel-space UNet (16×16 RGB, ≈250k parameters; frozen random tiny CLIP text encoder)
    learns the denoising loss on synthetic shapes (:mod:`mmalign.data.shapes`), 10 % empty captions for CFG.
@@ -8,9 +9,14 @@ Diffusion-DPO on reward-ranked self-generated pairs, train a Self-NPO negative m
 2. Pairs: the SFT model samples several images per caption (DDIM, CFG); the programmatic reward (caption colour
    agreement in [0, 1]) ranks them, and the top/bottom samples of a caption make up to 4 pairs.
 3. Diffusion-DPO on those pairs, from the SFT model, which is also the frozen reference (original β convention).
-4. Self-NPO (data-free truncated diffusion fine-tuning) from the SFT model: δ = θ_selfnpo − θ_sft.
-5. Evaluation on captions × seeds held out from the pair seeds: mean reward of samples from the SFT model, the
-   DPO model, and each with NPO-guided CFG (θ_neg = θ_sft + α·(θ_pos − θ_sft) + β·δ).
+4. Diffusion-NPO: the same DPO run on the reversed pairs, with 20 % empty captions (the original Diffusion-DPO
+   code's prompt dropout), stored as δ = θ_npo − θ_sft. The dropout matters: NPO-CFG puts the negative model on
+   the *unconditional* branch, and a model trained only on captioned pairs leaves that branch as the SFT
+   model's. Measured once on this demo (w = 3, β = 0.5 / 1.0): with dropout 0.2 NPO-CFG raised the base
+   model's reward 0.724 → 0.739 / 0.741; without dropout it lowered it to 0.711 / 0.688.
+5. Self-NPO (data-free truncated diffusion fine-tuning) from the SFT model: δ = θ_selfnpo − θ_sft.
+6. Evaluation on captions × seeds held out from the pair seeds: mean reward of samples from the SFT model, the
+   DPO model, and each with NPO-guided CFG (θ_neg = θ_sft + α·(θ_pos − θ_sft) + β·δ) for both negative models.
 
 Two choices make a 16×16 model usable in a few CPU minutes (both measured while building the demo): x0
 ("sample") prediction, since an ε-model's x̂0 = (x − σε̂)/α amplifies its errors up to 15× at high noise and
@@ -127,9 +133,10 @@ def _plot(out: Path, runs: dict[str, Path]) -> Path:
     panels = [("sft", "loss", "SFT: denoising MSE (x0)"), ("dpo", "loss", "Diffusion-DPO loss"),
               ("dpo", "rewards/accuracies", "DPO implicit accuracy (train batches)"),
               ("dpo", "mse_gap", "DPO: policy − reference MSE"),
+              ("npo", "rewards/accuracies", "Diffusion-NPO implicit accuracy (reversed pairs)"),
               ("self_npo", "loss", "Self-NPO x0 regression (pseudo-Huber)")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
-    for ax, (run, key, title) in zip(axes, panels, strict=True):
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    for ax, (run, key, title) in zip(axes.flat, panels, strict=True):
         if key == "mse_gap":
             x, model = series(run, "diffusion/model_mse")
             _, ref = series(run, "diffusion/ref_mse")
@@ -150,8 +157,8 @@ def _plot(out: Path, runs: dict[str, Path]) -> Path:
 def run(out_dir: str | Path = "outputs/demo/diffusion", *, seed: int = 0, n_images: int = 1440,
         sft_steps: int = 500, dpo_steps: int = 250, self_npo_steps: int = 100, pair_seeds: int = 12,
         eval_seeds: int = 4, captions: int | None = None, guidance_scale: float = 3.0, sample_steps: int = 20,
-        beta: float = 2000.0, dpo_lr: float = 1e-4, alpha: float = 1.0, npo_beta: float = 1.0,
-        faded_prob: float = 0.5) -> dict:
+        beta: float = 2000.0, dpo_lr: float = 1e-4, alpha: float = 1.0, npo_beta: float = 0.5,
+        npo_caption_dropout: float = 0.2, faded_prob: float = 0.5) -> dict:
     """Run the demo; ``captions`` limits the caption set (default all 36) for quick runs."""
     from ..methods import npo
     from ..methods.diffusion import DiffusionTask, build_components
@@ -186,14 +193,20 @@ def run(out_dir: str | Path = "outputs/demo/diffusion", *, seed: int = 0, n_imag
                               guidance=guidance_scale, steps=sample_steps, max_pairs=1)
 
     # 3. Diffusion-DPO from the SFT model (frozen copy = reference) ---------------------------------------------
-    dpo_cfg = _config(out, "dpo", [f"data.train=[{pairs}]", f"data.eval=[{held}]", "loss.name=dpo",
-                                   f"loss.kwargs={{beta: {beta}}}", f"run.max_steps={dpo_steps}",
-                                   f"run.batch_size={min(16, pair_stats['pairs'])}",
-                                   f"optim.lr={dpo_lr}", "optim.scheduler=constant", "reference.strategy=copy",
-                                   "optim.warmup_steps=10"], seed)
-    dpo = _train(dpo_cfg, DiffusionTask(dpo_cfg, components=SD.load_components(out / "sft_pipeline")))
+    def dpo_run(name: str, extra: list[str]) -> dict:
+        cfg = _config(out, name, [f"data.train=[{pairs}]", f"data.eval=[{held}]", "loss.name=dpo",
+                                  f"loss.kwargs={{beta: {beta}}}", f"run.max_steps={dpo_steps}",
+                                  f"run.batch_size={min(16, pair_stats['pairs'])}", f"optim.lr={dpo_lr}",
+                                  "optim.scheduler=constant", "reference.strategy=copy", "optim.warmup_steps=10",
+                                  *extra], seed)
+        return _train(cfg, DiffusionTask(cfg, components=SD.load_components(out / "sft_pipeline")))
 
-    # 4. Self-NPO from the SFT model (data-free) ------------------------------------------------------------------
+    dpo = dpo_run("dpo", [])
+    # 4. Diffusion-NPO: the same training on reversed preferences, with caption dropout (module docstring) -------
+    npo_run = dpo_run("npo", ["diffusion.reverse_preferences=true",
+                              f"diffusion.proportion_empty_prompts={npo_caption_dropout}"])
+
+    # 5. Self-NPO from the SFT model (data-free) ------------------------------------------------------------------
     npo_kwargs = ("loss.kwargs={k_steps: 3, grid_steps: 10, empty_prompt_prob: 0.5, prompts_file: "
                   f"{out / 'prompts.txt'}}}")
     (out / "prompts.txt").write_text("\n".join(caps) + "\n")
@@ -201,21 +214,27 @@ def run(out_dir: str | Path = "outputs/demo/diffusion", *, seed: int = 0, n_imag
                                         "run.batch_size=16", "optim.lr=2e-4", "optim.scheduler=constant"], seed)
     self_npo = _train(npo_cfg, SelfNPOTask(npo_cfg, components=SD.load_components(out / "sft_pipeline")))
 
-    # 5. evaluation: same captions and seeds for every setting -------------------------------------------------------
+    # 6. evaluation: same captions and seeds for every setting -------------------------------------------------------
     dpo_unet = SD.load_denoiser(out / "dpo" / "final", base)
-    delta = SD.npo_offset_from(out / "self_npo" / "final", base)
-    npo.save_offset(delta, out / "self_npo_offset", metadata={"base": str(out / "sft_pipeline")})
-    neg_base = npo.negative_model(base.denoiser, npo_offset=delta, beta=npo_beta)
-    neg_dpo = npo.negative_model(base.denoiser, positive=dpo_unet, alpha=alpha, npo_offset=delta, beta=npo_beta)
     dpo_pipe = SD.build_pipeline(base, dpo_unet, sampler="ddim")
-    settings = [SD.Setting("base", guidance_scale), SD.Setting("dpo", guidance_scale, pipe=dpo_pipe),
-                SD.Setting("base+npo_cfg", guidance_scale, negative=neg_base),
-                SD.Setting("dpo+npo_cfg", guidance_scale, negative=neg_dpo, pipe=dpo_pipe)]
+    settings = [SD.Setting("base", guidance_scale), SD.Setting("dpo", guidance_scale, pipe=dpo_pipe)]
+    offsets = {}
+    for tag, run_dir in (("npo_cfg", "npo"), ("self_npo_cfg", "self_npo")):
+        delta = offsets[tag] = SD.npo_offset_from(out / run_dir / "final", base)
+        npo.save_offset(delta, out / f"{run_dir}_offset", metadata={"base": str(out / "sft_pipeline")})
+        settings += [SD.Setting(f"base+{tag}", guidance_scale,
+                                negative=npo.negative_model(base.denoiser, npo_offset=delta, beta=npo_beta)),
+                     SD.Setting(f"dpo+{tag}", guidance_scale, pipe=dpo_pipe,
+                                negative=npo.negative_model(base.denoiser, positive=dpo_unet, alpha=alpha,
+                                                            npo_offset=delta, beta=npo_beta))]
     seeds = list(range(10_000, 10_000 + eval_seeds))
     images = SD.sample_settings(pipe, settings, caps, seeds, num_inference_steps=sample_steps)
     rewards = {k: S.reward(v.flatten(0, 1), [c for c in caps for _ in seeds]) for k, v in images.items()}
     means = {k: round(float(v.mean()), 4) for k, v in rewards.items()}
-    win = ((rewards["dpo"] > rewards["base"]).float() + 0.5 * (rewards["dpo"] == rewards["base"]).float()).mean()
+
+    def win(a: str, b: str) -> float:
+        return round(float(((rewards[a] > rewards[b]).float() + 0.5 * (rewards[a] == rewards[b]).float()).mean()), 4)
+
     grids = {}
     shown = min(len(caps), 12)
     for name, imgs in images.items():
@@ -223,27 +242,29 @@ def run(out_dir: str | Path = "outputs/demo/diffusion", *, seed: int = 0, n_imag
                             row_labels=[c.replace(" background", "") for c in caps[:shown]],
                             col_labels=[f"s{s}" for s in seeds], title=f"{name}: w={guidance_scale}", scale=4)
         grids[name] = path.name
-    plot = _plot(out, {"sft": out / "sft", "dpo": out / "dpo", "self_npo": out / "self_npo"})
+    plot = _plot(out, {"sft": out / "sft", "dpo": out / "dpo", "npo": out / "npo", "self_npo": out / "self_npo"})
 
-    dpo_eval = {k: round(v, 4) for k, v in dpo["stages"][-1].get("eval", {}).items()}
     report = {
         "method": "diffusion_dpo",
         "metric": "mean caption colour agreement reward of samples (mmalign.data.shapes.reward, in [0, 1])",
         "before": means["base"], "after": means["dpo"], "higher_is_better": True,
         "settings": {
-            "base": means["base"], "dpo": means["dpo"], "base+npo_cfg": means["base+npo_cfg"],
-            "dpo+npo_cfg": means["dpo+npo_cfg"],
-            "win_rate_dpo_vs_base": round(float(win), 4),
+            **means,
+            "win_rate_dpo_vs_base": win("dpo", "base"),
+            "win_rate_base+npo_cfg_vs_base": win("base+npo_cfg", "base"),
+            "win_rate_dpo+npo_cfg_vs_dpo": win("dpo+npo_cfg", "dpo"),
             "guidance_scale": guidance_scale, "sample_steps": sample_steps, "sampler": "ddim",
-            "npo_alpha": alpha, "npo_beta": npo_beta, "dpo_beta_original_convention": beta,
+            "npo_alpha": alpha, "npo_beta": npo_beta, "npo_caption_dropout": npo_caption_dropout,
+            "dpo_beta_original_convention": beta,
             "eval_images_per_setting": len(caps) * len(seeds), "captions": len(caps), "eval_seeds": seeds,
         },
-        "pairs": pair_stats, "held_out_pairs": held_stats, "dpo_eval": dpo_eval,
-        "self_npo_offset": npo.offset_norms(delta),
-        "steps": {"sft": sft_steps, "dpo": dpo_steps, "self_npo": self_npo_steps},
-        "final_losses": {"sft": round(sft["stages"][-1]["final"]["loss"], 5),
-                         "dpo": round(dpo["stages"][-1]["final"]["loss"], 5),
-                         "self_npo": round(self_npo["stages"][-1]["final"]["loss"], 5)},
+        "pairs": pair_stats, "held_out_pairs": held_stats,
+        "dpo_eval": {k: round(v, 4) for k, v in dpo["stages"][-1].get("eval", {}).items()},
+        "npo_eval": {k: round(v, 4) for k, v in npo_run["stages"][-1].get("eval", {}).items()},
+        "offset_norms": {k: npo.offset_norms(v) for k, v in offsets.items()},
+        "steps": {"sft": sft_steps, "dpo": dpo_steps, "npo": dpo_steps, "self_npo": self_npo_steps},
+        "final_losses": {k: round(r["stages"][-1]["final"]["loss"], 5)
+                         for k, r in (("sft", sft), ("dpo", dpo), ("npo", npo_run), ("self_npo", self_npo))},
         "seconds": round(time.time() - t0, 1), "plots": [plot.name], "grids": grids,
     }
     (out / "report.json").write_text(json.dumps(report, indent=1))
@@ -253,25 +274,35 @@ def run(out_dir: str | Path = "outputs/demo/diffusion", *, seed: int = 0, n_imag
 
 def _markdown(r: dict) -> str:
     s = r["settings"]
-    d_npo_base = round(s["base+npo_cfg"] - s["base"], 4)
-    d_npo_dpo = round(s["dpo+npo_cfg"] - s["dpo"], 4)
+
+    def row(label: str, key: str, ref: str | None = None) -> str:
+        delta = f" ({s[key] - s[ref]:+.4f})" if ref else ""
+        return f"| {label} | {s[key]}{delta} |\n"
+
+    cfg = f"α = {s['npo_alpha']}, β = {s['npo_beta']}"
     grids = "\n".join(f"- {k}: ![{k}]({v})" for k, v in r["grids"].items())
     return (
-        "# mmalign demo: Diffusion-DPO, Self-NPO and NPO-guided CFG on coloured shapes\n\n"
+        "# mmalign demo: Diffusion-DPO, Diffusion-NPO, Self-NPO and NPO-guided CFG on coloured shapes\n\n"
         "Reward: caption colour agreement in [0, 1] (1 = the shape and background show exactly the colours the "
         "caption names; a flat grey image scores ≈ 0.65). Half of the SFT images were faded (washed-out), so the base "
         "model produces faded samples for some seeds. Same captions and seeds (held out from the pair seeds) for "
         "every row.\n\n"
         f"| setting (CFG w = {s['guidance_scale']}, {s['sample_steps']} DDIM steps) | mean reward |\n|---|---|\n"
-        f"| SFT base | {s['base']} |\n| Diffusion-DPO | {s['dpo']} |\n"
-        f"| SFT base + NPO-CFG (Self-NPO, β = {s['npo_beta']}) | {s['base+npo_cfg']} ({d_npo_base:+}) |\n"
-        f"| DPO + NPO-CFG (α = {s['npo_alpha']}, β = {s['npo_beta']}) | {s['dpo+npo_cfg']} ({d_npo_dpo:+}) |\n\n"
-        f"Win-rate of DPO samples over base samples (paired by caption and seed): {s['win_rate_dpo_vs_base']}.\n"
+        + row("SFT base", "base") + row("Diffusion-DPO", "dpo", "base")
+        + row(f"SFT base + NPO-CFG (Diffusion-NPO, β = {s['npo_beta']})", "base+npo_cfg", "base")
+        + row(f"DPO + NPO-CFG (Diffusion-NPO, {cfg})", "dpo+npo_cfg", "dpo")
+        + row(f"SFT base + NPO-CFG (Self-NPO, β = {s['npo_beta']})", "base+self_npo_cfg", "base")
+        + row(f"DPO + NPO-CFG (Self-NPO, {cfg})", "dpo+self_npo_cfg", "dpo")
+        + f"\nWin-rates (paired by caption and seed): DPO vs base {s['win_rate_dpo_vs_base']}; base + NPO-CFG vs "
+        f"base {s['win_rate_base+npo_cfg_vs_base']}; DPO + NPO-CFG vs DPO {s['win_rate_dpo+npo_cfg_vs_dpo']}.\n"
         f"DPO pairs: {r['pairs']['pairs']} from {r['pairs']['sampled']} base samples (mean reward margin "
         f"{r['pairs']['mean_margin']:.3f}); held-out implicit accuracy after DPO: "
-        f"{r['dpo_eval'].get('eval/rewards/accuracies')}.\n\n"
-        "NPO-CFG is reported as measured: on this tiny model it may help, do nothing or hurt; Self-NPO was designed "
-        "for large text-to-image models whose own samples carry recognisable failure modes.\n\n"
+        f"{r['dpo_eval'].get('eval/rewards/accuracies')}, after Diffusion-NPO (reversed pairs): "
+        f"{r['npo_eval'].get('eval/rewards/accuracies')}. Diffusion-NPO was trained with "
+        f"{s['npo_caption_dropout']:.0%} empty captions so that its unconditional branch, the one NPO-CFG uses, "
+        "learns the dispreferred outputs.\n\n"
+        "Every figure is reported as measured, whichever way it goes: Self-NPO was designed for large "
+        "text-to-image models whose own samples carry recognisable failure modes, which a 16×16 toy may not have.\n\n"
         f"![training curves]({r['plots'][0]})\n\n## Sample grids (rows: captions, columns: seeds)\n\n{grids}\n\n"
         f"Runtime: {r['seconds']} s on CPU.\n"
     )

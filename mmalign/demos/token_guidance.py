@@ -43,7 +43,7 @@ def _train(out: Path, name: str, overrides: list[str]) -> dict:
 @torch.no_grad()
 def _evaluate(policy_dir: Path, sft_dir: Path, prompts: list[str], seed: int, k: int = 4) -> dict:
     from ..losses import aggregate_token_values
-    from ..methods.token_guidance import TokenRewardModel
+    from ..methods.rewards import TokenRewardModel
     from ..models.text import load_causal_lm, load_tokenizer
     from ..sample.text import generate
 

@@ -37,13 +37,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib
-import inspect
 import math
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +53,7 @@ from ..data.rows import DataError, RowProblem, load_rows
 from ..data.text import EncodedExample, PreferenceDataset
 from ..schema import StageConfig, TrainConfig
 from ..train.loop import StageData
+from .rewards import ModelReward, load_reward_fn
 from .text import TextTask, build_model, build_tokenizer
 from .text_losses import TextMethod, check_loss_kwargs
 
@@ -92,69 +90,6 @@ def parse_options(cfg: TrainConfig) -> OnlineOptions:
     if errors:
         raise ConfigError(errors)
     return opts
-
-
-# -- rewards ---------------------------------------------------------------------------------------------
-
-
-def load_reward_fn(spec: str):
-    """Import ``module:function`` and return ``f(prompts, completions) -> list[float]``."""
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise ConfigError(f"options.reward_fn={spec!r} must look like 'package.module:function'")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"options.reward_fn={spec!r} cannot be imported ({e}); fix: make the module importable "
-                          "(on PYTHONPATH) and check the function name") from None
-    params = inspect.signature(fn).parameters
-    if "completions" in params:  # TRL's reward-function convention: batched, keyword arguments
-        return lambda prompts, completions: list(fn(prompts=prompts, completions=completions))
-    positional = [p for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-                  and p.default is p.empty]
-    if len(positional) == 1:
-        return lambda prompts, completions: [fn(c) for c in completions]
-    if len(positional) == 2:
-        return lambda prompts, completions: [fn(p, c) for p, c in zip(prompts, completions, strict=True)]
-    raise ConfigError(f"options.reward_fn={spec!r}: the function must take (completion), (prompt, completion) or "
-                      "keyword arguments (prompts=, completions=) returning a list of floats")
-
-
-class ModelReward:
-    """Scores (prompt, completion) with a value-head reward model saved by mmalign's ``rm`` recipe.
-
-    Texts are re-tokenised with the reward model's own tokenizer the way the ``rm`` run encoded its rows
-    (prompt with special tokens, completion without them plus EOS), so policy and reward model may differ in
-    vocabulary."""
-
-    def __init__(self, path: str | Path):
-        from ..models.text import VALUE_HEAD_FILE, load_causal_lm, load_tokenizer
-
-        path = Path(path)
-        if not (path / VALUE_HEAD_FILE).is_file():
-            raise ConfigError(f"options.reward_model={str(path)!r}: no {VALUE_HEAD_FILE} there, so the value head "
-                              "would be random; point it at the `final/` directory of an `rm` run (loss.name=rm)")
-        self.model = load_causal_lm(path, value_head=True).eval().requires_grad_(False)
-        self.tokenizer = load_tokenizer(path)
-
-    def _prompt_ids(self, prompt: Any) -> list[int]:
-        if isinstance(prompt, str):
-            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        ids = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
-
-    @torch.no_grad()
-    def __call__(self, prompts: list, completions: list[str]) -> list[float]:
-        from ..data.text import collate
-
-        device = next(self.model.parameters()).device
-        eos = self.tokenizer.eos_token_id
-        examples = []
-        for p, c in zip(prompts, completions, strict=True):
-            ids = list(self.tokenizer(c, add_special_tokens=False)["input_ids"]) + [eos]
-            examples.append(EncodedExample(self._prompt_ids(p) or [self.tokenizer.bos_token_id], [ids], [1.0], {}))
-        batch = collate(examples, pad_token_id=self.tokenizer.pad_token_id).to(device)
-        return score_batch(self.model, batch, compute_values=True, return_token_logps=False).values[:, 0].tolist()
 
 
 # -- prompts ---------------------------------------------------------------------------------------------

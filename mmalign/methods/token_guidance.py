@@ -47,11 +47,7 @@ Not supported: LoRA merges between stages (``stage.merge_lora``), DDP without ``
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import json
 import logging
-import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -73,6 +69,7 @@ from ..losses import (
 )
 from ..schema import StageConfig, TrainConfig
 from ..train.loop import StageData
+from .rewards import TokenRewardModel, flat_sequences, load_reward_fn
 
 log = logging.getLogger(__name__)
 
@@ -126,114 +123,7 @@ class TokenGuidanceOptions:
         return errs
 
 
-# -- programmatic sequence rewards ----------------------------------------------------------------------------
-
-def _warm_colors(prompt: str, completion: str) -> float:
-    from ..demos.warm_colors import reward
-
-    return reward(completion)
-
-
-def _addition(prompt: str, completion: str) -> float:
-    """For ``add: a b =`` prompts (assets/text): 1 for the right sum, 1/(1+|error|) for a wrong number, 0 else."""
-    nums = [int(x) for x in re.findall(r"-?\d+", prompt)]
-    got = re.findall(r"-?\d+", completion)
-    if not nums or not got:
-        return 0.0
-    return 1.0 / (1.0 + abs(int(got[0]) - sum(nums)))
-
-
-REWARD_FNS: dict[str, Callable[[str, str], float]] = {"warm_colors": _warm_colors, "addition": _addition}
-
-
-def resolve_reward_fn(spec: str) -> Callable[[str, str], float]:
-    """A :data:`REWARD_FNS` name, or ``"package.module:function"`` taking (prompt, completion) -> float."""
-    if spec in REWARD_FNS:
-        return REWARD_FNS[spec]
-    module, sep, attr = spec.partition(":")
-    fn = None
-    if sep:
-        try:
-            fn = getattr(importlib.import_module(module), attr, None)
-        except ImportError:
-            fn = None
-    if not callable(fn):
-        raise ConfigError(f"options.reward_fn={spec!r} is neither one of {sorted(REWARD_FNS)} nor an importable "
-                          "'module:function' of (prompt, completion) -> float")
-    return fn
-
-
 # -- models --------------------------------------------------------------------------------------------------
-
-def _flat_sequences(batch: TextBatch) -> tuple[Tensor, Tensor, Tensor]:
-    """``[B·K, P+C]`` ids, mask and position ids of [left-padded prompt; right-padded completion]: pads only
-    at the two ends, so a causal LM with explicit positions sees exactly the unpadded sequence."""
-    b, k, c = batch.completion_ids.shape
-    ids = torch.cat([batch.prompt_ids.repeat_interleave(k, 0), batch.completion_ids.reshape(b * k, c)], 1)
-    mask = torch.cat([batch.prompt_mask.repeat_interleave(k, 0), batch.completion_mask.reshape(b * k, c)], 1)
-    pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
-    return ids, mask, pos
-
-
-def _squash(x: Tensor, mode: str) -> Tensor:
-    if mode == "sigmoid":
-        return torch.sigmoid(x)
-    if mode == "softplus":
-        return nn.functional.softplus(x) + 1e-8
-    return x
-
-
-class TokenRewardModel(nn.Module):
-    """r_φ(s_t, a_t): a causal-LM decoder reads [prompt; completion]; the head maps the hidden state *at* token
-    a_t (it has seen a_t) to one squashed scalar. Returns ``[B, K, C]`` (0 on masked tokens)."""
-
-    def __init__(self, backbone: nn.Module, *, head_hidden: int = 0, squash: str = "sigmoid"):
-        super().__init__()
-        self.backbone = backbone
-        hidden = backbone.config.hidden_size
-        if head_hidden:
-            self.head = nn.Sequential(nn.Linear(hidden, head_hidden), nn.ReLU(), nn.Linear(head_hidden, 1))
-        else:
-            self.head = nn.Sequential(nn.Linear(hidden, 1))
-        self.head_hidden, self.squash = head_hidden, squash
-        dev = next(backbone.parameters()).device
-        self.head.to(dev)
-
-    def forward(self, batch: TextBatch) -> Tensor:
-        b, k, c = batch.completion_ids.shape
-        ids, mask, pos = _flat_sequences(batch)
-        decoder = unwrap_causal_lm(self.backbone).decoder
-        hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
-        h = hidden[:, batch.prompt_ids.shape[1]:]
-        r = _squash(self.head(h.to(self.head[0].weight.dtype)).squeeze(-1).float(), self.squash)
-        return torch.where(batch.completion_mask.reshape(b * k, c).bool(), r, torch.zeros_like(r)).view(b, k, c)
-
-    def save_pretrained(self, path: str | Path, state_dict: dict | None = None) -> None:
-        """``state_dict`` (keys ``backbone.*`` / ``head.*``) replaces the modules' own weights."""
-        from safetensors.torch import save_file
-
-        from ..models import sub_state_dict
-
-        path = Path(path)
-        self.backbone.save_pretrained(str(path), state_dict=sub_state_dict(state_dict, "backbone."))
-        head = self.head.state_dict() if state_dict is None else sub_state_dict(state_dict, "head.")
-        save_file({k: v.detach().cpu().contiguous() for k, v in head.items()},
-                  str(path / "token_reward_head.safetensors"))
-        (path / "token_reward_head.json").write_text(json.dumps({"head_hidden": self.head_hidden,
-                                                                 "squash": self.squash}))
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> TokenRewardModel:
-        from safetensors.torch import load_file
-
-        from ..models.text import load_causal_lm
-
-        path = Path(path)
-        meta = json.loads((path / "token_reward_head.json").read_text())
-        model = cls(load_causal_lm(path), head_hidden=meta["head_hidden"], squash=meta["squash"])
-        model.head.load_state_dict(load_file(str(path / "token_reward_head.safetensors")))
-        return model
-
 
 class GuidanceModel(nn.Module):
     """The Task's model: the policy and the token-reward model, trained in alternation by one optimizer."""
@@ -249,7 +139,7 @@ def policy_logps_entropy(policy: nn.Module, batch: TextBatch) -> tuple[Tensor, T
     Materialises ``[B·K, C, V]`` logits (fine for small vocabularies; ``score_batch`` is the chunked path
     used whenever the entropy is not needed)."""
     b, k, c = batch.completion_ids.shape
-    ids, mask, pos = _flat_sequences(batch)
+    ids, mask, pos = flat_sequences(batch)
     p = batch.prompt_ids.shape[1]
     logits = unwrap_causal_lm(policy).lm(input_ids=ids, attention_mask=mask, position_ids=pos,
                                          use_cache=False).logits[:, p - 1: p + c - 1].float()
@@ -282,7 +172,7 @@ class TokenGuidanceTask:
                 errors.append(f"stages.{i}.merge_lora=true is not supported by token_guidance")
         if errors:
             raise ConfigError(errors)
-        self.reward_fn = resolve_reward_fn(self.opts.reward_fn)
+        self.reward_fn = load_reward_fn(self.opts.reward_fn)
         self.needs_reference = False
         self.tokenizer = tokenizer or build_tokenizer(cfg)
         policy = policy or build_model(cfg, self.tokenizer, value_head=False)
@@ -371,13 +261,14 @@ class TokenGuidanceTask:
         b, c = batch.batch_size, max(1, max(len(x) for x in comps))
         comp_ids = torch.full((b * k, c), pad, dtype=torch.long)
         comp_mask = torch.zeros((b * k, c), dtype=torch.long)
-        rewards = torch.zeros(b * k)
         prompts = [tok.decode(r[m.bool()].tolist(), skip_special_tokens=True)
                    for r, m in zip(batch.prompt_ids.cpu(), batch.prompt_mask.cpu(), strict=True)]
         for n, x in enumerate(comps):
             comp_ids[n, : len(x)] = torch.tensor(x, dtype=torch.long)
             comp_mask[n, : len(x)] = 1
-            rewards[n] = float(self.reward_fn(prompts[n // k], tok.decode(x, skip_special_tokens=True)))
+        texts = [tok.decode(x, skip_special_tokens=True) for x in comps]
+        scores = self.reward_fn([prompts[n // k] for n in range(len(comps))], texts)
+        rewards = torch.tensor([float(r) for r in scores], dtype=torch.float32)
         cand = comp_mask.sum(-1).view(b, k) > 0
         extras = {"seq_rewards": rewards.view(b, k).to(dev)}
         if "index" in batch.extras:

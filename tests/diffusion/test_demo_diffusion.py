@@ -50,7 +50,7 @@ def _check_report(out, report: dict) -> None:
     assert {"method", "metric", "before", "after", "higher_is_better", "settings"} <= set(report)
     assert report["method"] == "diffusion_dpo" and report["higher_is_better"] is True
     s = report["settings"]
-    for k in ("base", "dpo", "base+npo_cfg", "dpo+npo_cfg"):
+    for k in ("base", "dpo", "base+npo_cfg", "dpo+npo_cfg", "base+self_npo_cfg", "dpo+self_npo_cfg"):
         assert 0.0 <= s[k] <= 1.0
     assert report["before"] == s["base"] and report["after"] == s["dpo"]
     assert (out / "report.md").is_file() and (out / "training_curves.png").is_file()
@@ -58,7 +58,7 @@ def _check_report(out, report: dict) -> None:
 
 
 def test_demo_report_shape_with_a_very_short_config(tmp_path):
-    """Every stage runs (SFT → pairs → DPO → Self-NPO → four sampling settings) with a few steps each."""
+    """Every stage runs (SFT → pairs → DPO → Diffusion-NPO → Self-NPO → six sampling settings), a few steps each."""
     from mmalign.demos.diffusion import run
 
     report = run(tmp_path, n_images=48, sft_steps=4, dpo_steps=2, self_npo_steps=2, pair_seeds=3, eval_seeds=2,

@@ -206,7 +206,7 @@ def test_xpo_with_lora_samples_the_reference_with_the_adapter_disabled(files, tm
 
 
 def test_reward_model_path(files, tmp_path):
-    from mmalign.methods.online import ModelReward
+    from mmalign.methods.rewards import ModelReward
     from mmalign.models.text import ValueHeadModel, build_tiny_causal_lm, load_tokenizer
 
     tok = load_tokenizer(files["tok"])

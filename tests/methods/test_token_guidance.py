@@ -14,7 +14,8 @@ from mmalign.api import build_task, load_train_config, train
 from mmalign.config import ConfigError
 from mmalign.data.synthetic import addition_rows, corpus, write_jsonl
 from mmalign.losses import aggregate_token_values, listmle
-from mmalign.methods.token_guidance import GUIDANCE, LM, TokenGuidanceTask, TokenRewardModel
+from mmalign.methods.rewards import TokenRewardModel
+from mmalign.methods.token_guidance import GUIDANCE, LM, TokenGuidanceTask
 from mmalign.models.text import build_tiny_causal_lm, load_causal_lm
 
 TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64,
@@ -222,11 +223,12 @@ def test_demo_runs_and_reports(tmp_path):
 
 
 def test_reward_functions_and_weight_options():
-    from mmalign.methods.token_guidance import resolve_reward_fn, token_weights
+    from mmalign.methods.rewards import load_reward_fn
+    from mmalign.methods.token_guidance import token_weights
 
-    add = resolve_reward_fn("mmalign.methods.token_guidance:_addition")  # the "module:function" form
-    assert add("add: 3 5 =", " 8") == 1.0 and add("add: 3 5 =", " 10") == 1 / 3 and add("add: 3 5 =", " x") == 0
-    assert resolve_reward_fn("warm_colors")("colors:", " red blue gold teal mint coral") == 0.5
+    add = load_reward_fn("mmalign.methods.rewards:_addition")  # the "module:function" form, batched
+    assert add(["add: 3 5 ="] * 3, [" 8", " 10", " x"]) == [1.0, 1 / 3, 0]
+    assert load_reward_fn("warm_colors")(["colors:"], [" red blue gold teal mint coral"]) == [0.5]
     r, m = torch.full((1, 4), 0.5), torch.tensor([[1, 1, 1, 0]]).bool()
     # reward-to-go of a constant c on n tokens is c·(n − t) (research note §2.4, invariant 5)
     torch.testing.assert_close(token_weights(r, m, use_reward_to_go=True), torch.tensor([[1.5, 1.0, 0.5, 0.0]]))

@@ -1,0 +1,183 @@
+"""Sequence rewards for the online recipes (online DPO / XPO, token-level guidance): named programmatic
+rewards, user functions by ``"module:function"``, and a saved value-head reward model.
+
+Every loader returns one batched signature, ``f(prompts, completions) -> list[float]``, so the recipes score
+their samples the same way whichever kind the config names.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..adapters.base import TextBatch
+from ..adapters.causal_lm import score_batch, unwrap_causal_lm
+from ..config import ConfigError
+from ..data.text import EncodedExample
+
+BatchedReward = Callable[[list, list[str]], list[float]]
+
+
+def _warm_colors(prompt: str, completion: str) -> float:
+    from ..demos.warm_colors import reward
+
+    return reward(completion)
+
+
+def _addition(prompt: str, completion: str) -> float:
+    """For ``add: a b =`` prompts (assets/text): 1 for the right sum, 1/(1+|error|) for a wrong number, 0 else."""
+    nums = [int(x) for x in re.findall(r"-?\d+", prompt)]
+    got = re.findall(r"-?\d+", completion)
+    if not nums or not got:
+        return 0.0
+    return 1.0 / (1.0 + abs(int(got[0]) - sum(nums)))
+
+
+# Programmatic rewards by name: (prompt, completion) -> float.
+REWARD_FNS: dict[str, Callable[[str, str], float]] = {"warm_colors": _warm_colors, "addition": _addition}
+
+
+def load_reward_fn(spec: str) -> BatchedReward:
+    """A :data:`REWARD_FNS` name, or ``"package.module:function"`` taking ``(completion)``,
+    ``(prompt, completion)`` or TRL's keyword form ``(prompts=, completions=)`` (batched); returns the batched
+    ``f(prompts, completions) -> list[float]``."""
+    if spec in REWARD_FNS:
+        named = REWARD_FNS[spec]
+        return lambda prompts, completions: [named(p, c) for p, c in zip(prompts, completions, strict=True)]
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ConfigError(f"options.reward_fn={spec!r} is neither one of {sorted(REWARD_FNS)} nor "
+                          "'package.module:function'")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"options.reward_fn={spec!r} cannot be imported ({e}); fix: make the module importable "
+                          "(on PYTHONPATH) and check the function name") from None
+    params = inspect.signature(fn).parameters
+    if "completions" in params:  # TRL's reward-function convention: batched, keyword arguments
+        return lambda prompts, completions: list(fn(prompts=prompts, completions=completions))
+    positional = [p for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                  and p.default is p.empty]
+    if len(positional) == 1:
+        return lambda prompts, completions: [fn(c) for c in completions]
+    if len(positional) == 2:
+        return lambda prompts, completions: [fn(p, c) for p, c in zip(prompts, completions, strict=True)]
+    raise ConfigError(f"options.reward_fn={spec!r}: the function must take (completion), (prompt, completion) or "
+                      "keyword arguments (prompts=, completions=) returning a list of floats")
+
+
+class ModelReward:
+    """Scores (prompt, completion) with a value-head reward model saved by mmalign's ``rm`` recipe.
+
+    Texts are re-tokenised with the reward model's own tokenizer the way the ``rm`` run encoded its rows
+    (prompt with special tokens, completion without them plus EOS), so policy and reward model may differ in
+    vocabulary."""
+
+    def __init__(self, path: str | Path):
+        from ..models.text import VALUE_HEAD_FILE, load_causal_lm, load_tokenizer
+
+        path = Path(path)
+        if not (path / VALUE_HEAD_FILE).is_file():
+            raise ConfigError(f"options.reward_model={str(path)!r}: no {VALUE_HEAD_FILE} there, so the value head "
+                              "would be random; point it at the `final/` directory of an `rm` run (loss.name=rm)")
+        self.model = load_causal_lm(path, value_head=True).eval().requires_grad_(False)
+        self.tokenizer = load_tokenizer(path)
+
+    def _prompt_ids(self, prompt: Any) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        ids = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+    @torch.no_grad()
+    def __call__(self, prompts: list, completions: list[str]) -> list[float]:
+        from ..data.text import collate
+
+        device = next(self.model.parameters()).device
+        eos = self.tokenizer.eos_token_id
+        examples = []
+        for p, c in zip(prompts, completions, strict=True):
+            ids = list(self.tokenizer(c, add_special_tokens=False)["input_ids"]) + [eos]
+            examples.append(EncodedExample(self._prompt_ids(p) or [self.tokenizer.bos_token_id], [ids], [1.0], {}))
+        batch = collate(examples, pad_token_id=self.tokenizer.pad_token_id).to(device)
+        return score_batch(self.model, batch, compute_values=True, return_token_logps=False).values[:, 0].tolist()
+
+
+# -- token-level reward model (token-level guidance, Yang et al. 2306.00398) ------------------------------------
+
+def flat_sequences(batch: TextBatch) -> tuple[Tensor, Tensor, Tensor]:
+    """``[B·K, P+C]`` ids, mask and position ids of [left-padded prompt; right-padded completion]: pads only
+    at the two ends, so a causal LM with explicit positions sees exactly the unpadded sequence."""
+    b, k, c = batch.completion_ids.shape
+    ids = torch.cat([batch.prompt_ids.repeat_interleave(k, 0), batch.completion_ids.reshape(b * k, c)], 1)
+    mask = torch.cat([batch.prompt_mask.repeat_interleave(k, 0), batch.completion_mask.reshape(b * k, c)], 1)
+    pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    return ids, mask, pos
+
+
+def _squash(x: Tensor, mode: str) -> Tensor:
+    if mode == "sigmoid":
+        return torch.sigmoid(x)
+    if mode == "softplus":
+        return nn.functional.softplus(x) + 1e-8
+    return x
+
+
+class TokenRewardModel(nn.Module):
+    """r_φ(s_t, a_t): a causal-LM decoder reads [prompt; completion]; the head maps the hidden state *at* token
+    a_t (it has seen a_t) to one squashed scalar. Returns ``[B, K, C]`` (0 on masked tokens)."""
+
+    def __init__(self, backbone: nn.Module, *, head_hidden: int = 0, squash: str = "sigmoid"):
+        super().__init__()
+        self.backbone = backbone
+        hidden = backbone.config.hidden_size
+        if head_hidden:
+            self.head = nn.Sequential(nn.Linear(hidden, head_hidden), nn.ReLU(), nn.Linear(head_hidden, 1))
+        else:
+            self.head = nn.Sequential(nn.Linear(hidden, 1))
+        self.head_hidden, self.squash = head_hidden, squash
+        dev = next(backbone.parameters()).device
+        self.head.to(dev)
+
+    def forward(self, batch: TextBatch) -> Tensor:
+        b, k, c = batch.completion_ids.shape
+        ids, mask, pos = flat_sequences(batch)
+        decoder = unwrap_causal_lm(self.backbone).decoder
+        hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+        h = hidden[:, batch.prompt_ids.shape[1]:]
+        r = _squash(self.head(h.to(self.head[0].weight.dtype)).squeeze(-1).float(), self.squash)
+        return torch.where(batch.completion_mask.reshape(b * k, c).bool(), r, torch.zeros_like(r)).view(b, k, c)
+
+    def save_pretrained(self, path: str | Path, state_dict: dict | None = None) -> None:
+        """``state_dict`` (keys ``backbone.*`` / ``head.*``) replaces the modules' own weights."""
+        from safetensors.torch import save_file
+
+        from ..models import sub_state_dict
+
+        path = Path(path)
+        self.backbone.save_pretrained(str(path), state_dict=sub_state_dict(state_dict, "backbone."))
+        head = self.head.state_dict() if state_dict is None else sub_state_dict(state_dict, "head.")
+        save_file({k: v.detach().cpu().contiguous() for k, v in head.items()},
+                  str(path / "token_reward_head.safetensors"))
+        (path / "token_reward_head.json").write_text(json.dumps({"head_hidden": self.head_hidden,
+                                                                 "squash": self.squash}))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> TokenRewardModel:
+        from safetensors.torch import load_file
+
+        from ..models.text import load_causal_lm
+
+        path = Path(path)
+        meta = json.loads((path / "token_reward_head.json").read_text())
+        model = cls(load_causal_lm(path), head_hidden=meta["head_hidden"], squash=meta["squash"])
+        model.head.load_state_dict(load_file(str(path / "token_reward_head.safetensors")))
+        return model
