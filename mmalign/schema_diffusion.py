@@ -64,6 +64,10 @@ class DiffusionConfig:
     logit_mean: float = _h("sd3 logit-normal mean", 0.0)
     logit_std: float = _h("sd3 logit-normal std", 1.0)
     mode_scale: float = _h("sd3 'mode' scheme scale", 1.29)
+    zero_terminal_snr: bool = _h(
+        "unet/sdxl: rescale the noise schedule to zero terminal SNR with 'trailing' timesteps (Lin et al., "
+        "arXiv 2305.08891; diffusers' rescale_betas_zero_snr), kept in the saved scheduler config; use with "
+        "v-prediction or x0 ('sample') prediction, since ε-prediction is undefined at zero SNR", False)
     snr_gamma: float | None = _h("Min-SNR-γ weighting of the errors (unet/sdxl; none in reference DPO code)", None)
     vae_sample: bool = _h("latents are a VAE posterior sample (reference scripts) instead of its mean", True)
     proportion_empty_prompts: float = _h("probability of training an example with an empty caption "
@@ -88,6 +92,9 @@ class DiffusionConfig:
             errs.append("random_flip=true cannot be combined with cache_latents=true (cached latents are unflipped)")
         if not 0.0 <= self.proportion_empty_prompts <= 1.0:
             errs.append(f"proportion_empty_prompts={self.proportion_empty_prompts} must lie in [0, 1]")
+        if self.zero_terminal_snr and self.prediction_type == "epsilon":
+            errs.append("zero_terminal_snr=true with prediction_type=epsilon: at zero SNR the noise cannot be "
+                        "predicted from pure noise; use v_prediction or sample (Lin et al. §3.2)")
         if self.min_timestep < 0:
             errs.append(f"min_timestep={self.min_timestep} must be >= 0")
         if self.max_timestep is not None and self.max_timestep <= self.min_timestep:

@@ -10,10 +10,15 @@ NPO-guided CFG with each.
    agreement in [0, 1]) ranks them, and the top/bottom samples of a caption make up to 4 pairs.
 3. Diffusion-DPO on those pairs, from the SFT model, which is also the frozen reference (original β convention).
 4. Diffusion-NPO: the same DPO run on the reversed pairs, with 20 % empty captions (the original Diffusion-DPO
-   code's prompt dropout), stored as δ = θ_npo − θ_sft. The dropout matters: NPO-CFG puts the negative model on
-   the *unconditional* branch, and a model trained only on captioned pairs leaves that branch as the SFT
-   model's. Measured once on this demo (w = 3, β = 0.5 / 1.0): with dropout 0.2 NPO-CFG raised the base
-   model's reward 0.724 → 0.739 / 0.741; without dropout it lowered it to 0.711 / 0.688.
+   code's prompt dropout) and a lower learning rate, stored as δ = θ_npo − θ_sft. NPO-CFG puts the negative
+   model on the *unconditional* branch, so both choices matter; measured while building the demo (mean reward,
+   w = 3, base → base + NPO-CFG / DPO → DPO + NPO-CFG, α = 1):
+   - no caption dropout (lr 1e-4, β = 1): 0.724 → 0.688 / 0.763 → 0.710 (4 eval seeds): the NPO model's
+     unconditional branch was never trained on the reversed pairs, and NPO-CFG lowered the reward;
+   - dropout 0.2, lr 1e-4 (the DPO run's): β = 0.5: 0.735 → 0.740 / 0.775 → 0.773; β = 1: 0.730 / 0.750
+     (8 eval seeds; dropout 0.5 gave the same picture): the offset is too large at β = 1;
+   - dropout 0.2, lr 3e-5 (the defaults): β = 0.5: 0.735 → 0.742 / 0.775 → 0.781; β = 1: 0.747 / 0.781.
+   β = 1 with α = 1 (θ_neg = θ_dpo + δ) is the reference code's default (merge_weight 0).
 5. Self-NPO (data-free truncated diffusion fine-tuning) from the SFT model: δ = θ_selfnpo − θ_sft.
 6. Evaluation on captions × seeds held out from the pair seeds: mean reward of samples from the SFT model, the
    DPO model, and each with NPO-guided CFG (θ_neg = θ_sft + α·(θ_pos − θ_sft) + β·δ) for both negative models.
@@ -27,10 +32,9 @@ Diffusion-DPO's β was tuned on this toy (β = 2000 original convention, lr 1e-4
 (reward falls), β ≥ 5000 barely moves the samples. With caption-specific defects (mislabelled shape colours)
 instead of a shared low-quality mode, DPO raised the held-out implicit accuracy to ≈ 0.9 but not the reward.
 
-Every training run goes through ``mmalign.train`` (the one loop). Pixel-space tiny pipelines cannot be reloaded
-by ``model.name_or_path`` (no VAE to save) and the zero-SNR scheduler is not a config key, so the runs receive
-their components as a prebuilt task (``mmalign.train(cfg, task=...)``); data, loss, reference and loop are the
-configured ones.
+Every training run is a plain config through ``mmalign.train`` (the one loop), as a user would write it: the
+SFT run builds the tiny model (``diffusion.zero_terminal_snr=true``), and every later run loads the SFT
+pipeline directory with ``model.name_or_path`` (``diffusion.pixel_space=true``: no VAE).
 
 Writes ``report.json`` (``method, metric, before, after, higher_is_better, settings``), ``report.md``,
 ``training_curves.png`` and one sample grid PNG per setting.
@@ -49,7 +53,7 @@ from ..data import shapes as S
 RESOLUTION = 16
 TINY = "model.tiny={channels: [16, 32], text_hidden: 32, text_max_length: 20}"
 # x0 ("sample") prediction: see the module docstring.
-COMMON = ["modality=diffusion", "diffusion.pixel_space=true", f"diffusion.resolution={RESOLUTION}", TINY,
+COMMON = ["modality=diffusion", "diffusion.pixel_space=true", f"diffusion.resolution={RESOLUTION}",
           "diffusion.prediction_type=sample",
           "run.resume=never", "run.report_to=[jsonl]", "run.progress=false", "diffusion.verify_images=false"]
 
@@ -60,19 +64,10 @@ def _config(out: Path, name: str, overrides: list[str], seed: int):
     return load_train_config(None, [*COMMON, f"run.output_dir={out / name}", f"run.seed={seed}", *overrides])
 
 
-def _zero_snr(components):
-    """Zero terminal SNR (Lin et al., arXiv 2305.08891) and "trailing" timesteps, as that paper prescribes."""
-    from diffusers import DDPMScheduler
-
-    components.scheduler = DDPMScheduler.from_config(components.scheduler.config, rescale_betas_zero_snr=True,
-                                                     timestep_spacing="trailing")
-    return components
-
-
-def _train(cfg, task=None) -> dict:
+def _train(cfg) -> dict:
     from ..api import train
 
-    return train(cfg, task=task)
+    return train(cfg)
 
 
 def _write_images(images: torch.Tensor, captions: list[str], folder: Path, prefix: str) -> list[str]:
@@ -156,13 +151,11 @@ def _plot(out: Path, runs: dict[str, Path]) -> Path:
 
 def run(out_dir: str | Path = "outputs/demo/diffusion", *, seed: int = 0, n_images: int = 1440,
         sft_steps: int = 500, dpo_steps: int = 250, self_npo_steps: int = 100, pair_seeds: int = 12,
-        eval_seeds: int = 4, captions: int | None = None, guidance_scale: float = 3.0, sample_steps: int = 20,
-        beta: float = 2000.0, dpo_lr: float = 1e-4, alpha: float = 1.0, npo_beta: float = 0.5,
-        npo_caption_dropout: float = 0.2, faded_prob: float = 0.5) -> dict:
+        eval_seeds: int = 8, captions: int | None = None, guidance_scale: float = 3.0, sample_steps: int = 20,
+        beta: float = 2000.0, dpo_lr: float = 1e-4, alpha: float = 1.0, npo_beta: float = 1.0,
+        npo_lr: float = 3e-5, npo_caption_dropout: float = 0.2, faded_prob: float = 0.5) -> dict:
     """Run the demo; ``captions`` limits the caption set (default all 36) for quick runs."""
     from ..methods import npo
-    from ..methods.diffusion import DiffusionTask, build_components
-    from ..methods.self_npo import SelfNPOTask
     from ..sample import diffusion as SD
 
     t0 = time.time()
@@ -175,10 +168,12 @@ def run(out_dir: str | Path = "outputs/demo/diffusion", *, seed: int = 0, n_imag
     S.write_jsonl([{"caption": s.caption, "image": str(p.relative_to(data))} for s, p in zip(samples, paths,
                                                                                              strict=True)],
                   data / "sft.jsonl")
-    sft_cfg = _config(out, "sft", [f"data.train=[{data / 'sft.jsonl'}]", "loss.name=sft", f"run.max_steps={sft_steps}",
-                                   f"run.batch_size={min(16, n_images)}", "optim.lr=1e-3", "optim.scheduler=cosine",
-                                   "optim.warmup_steps=20", "diffusion.proportion_empty_prompts=0.1"], seed)
-    sft = _train(sft_cfg, DiffusionTask(sft_cfg, components=_zero_snr(build_components(sft_cfg))))
+    sft_cfg = _config(out, "sft", [TINY, f"data.train=[{data / 'sft.jsonl'}]", "loss.name=sft",
+                                   f"run.max_steps={sft_steps}", f"run.batch_size={min(16, n_images)}",
+                                   "optim.lr=1e-3", "optim.scheduler=cosine", "optim.warmup_steps=20",
+                                   "diffusion.proportion_empty_prompts=0.1", "diffusion.zero_terminal_snr=true"],
+                      seed)
+    sft = _train(sft_cfg)
     # the SFT model as a pipeline directory: the base of every later run and of the NPO offsets
     comps = SD.load_components(out / "sft" / "final")
     sft_unet = SD.load_denoiser(out / "sft" / "final", comps)
@@ -193,26 +188,28 @@ def run(out_dir: str | Path = "outputs/demo/diffusion", *, seed: int = 0, n_imag
                               guidance=guidance_scale, steps=sample_steps, max_pairs=1)
 
     # 3. Diffusion-DPO from the SFT model (frozen copy = reference) ---------------------------------------------
-    def dpo_run(name: str, extra: list[str]) -> dict:
-        cfg = _config(out, name, [f"data.train=[{pairs}]", f"data.eval=[{held}]", "loss.name=dpo",
+    from_sft = f"model.name_or_path={out / 'sft_pipeline'}"
+
+    def dpo_run(name: str, lr: float, extra: list[str]) -> dict:
+        cfg = _config(out, name, [from_sft, f"data.train=[{pairs}]", f"data.eval=[{held}]", "loss.name=dpo",
                                   f"loss.kwargs={{beta: {beta}}}", f"run.max_steps={dpo_steps}",
-                                  f"run.batch_size={min(16, pair_stats['pairs'])}", f"optim.lr={dpo_lr}",
+                                  f"run.batch_size={min(16, pair_stats['pairs'])}", f"optim.lr={lr}",
                                   "optim.scheduler=constant", "reference.strategy=copy", "optim.warmup_steps=10",
                                   *extra], seed)
-        return _train(cfg, DiffusionTask(cfg, components=SD.load_components(out / "sft_pipeline")))
+        return _train(cfg)
 
-    dpo = dpo_run("dpo", [])
+    dpo = dpo_run("dpo", dpo_lr, [])
     # 4. Diffusion-NPO: the same training on reversed preferences, with caption dropout (module docstring) -------
-    npo_run = dpo_run("npo", ["diffusion.reverse_preferences=true",
+    npo_run = dpo_run("npo", npo_lr, ["diffusion.reverse_preferences=true",
                               f"diffusion.proportion_empty_prompts={npo_caption_dropout}"])
 
     # 5. Self-NPO from the SFT model (data-free) ------------------------------------------------------------------
     npo_kwargs = ("loss.kwargs={k_steps: 3, grid_steps: 10, empty_prompt_prob: 0.5, prompts_file: "
                   f"{out / 'prompts.txt'}}}")
     (out / "prompts.txt").write_text("\n".join(caps) + "\n")
-    npo_cfg = _config(out, "self_npo", ["loss.name=self_npo", npo_kwargs, f"run.max_steps={self_npo_steps}",
+    npo_cfg = _config(out, "self_npo", [from_sft, "loss.name=self_npo", npo_kwargs, f"run.max_steps={self_npo_steps}",
                                         "run.batch_size=16", "optim.lr=2e-4", "optim.scheduler=constant"], seed)
-    self_npo = _train(npo_cfg, SelfNPOTask(npo_cfg, components=SD.load_components(out / "sft_pipeline")))
+    self_npo = _train(npo_cfg)
 
     # 6. evaluation: same captions and seeds for every setting -------------------------------------------------------
     dpo_unet = SD.load_denoiser(out / "dpo" / "final", base)
@@ -254,7 +251,7 @@ def run(out_dir: str | Path = "outputs/demo/diffusion", *, seed: int = 0, n_imag
             "win_rate_base+npo_cfg_vs_base": win("base+npo_cfg", "base"),
             "win_rate_dpo+npo_cfg_vs_dpo": win("dpo+npo_cfg", "dpo"),
             "guidance_scale": guidance_scale, "sample_steps": sample_steps, "sampler": "ddim",
-            "npo_alpha": alpha, "npo_beta": npo_beta, "npo_caption_dropout": npo_caption_dropout,
+            "npo_alpha": alpha, "npo_beta": npo_beta, "npo_caption_dropout": npo_caption_dropout, "npo_lr": npo_lr,
             "dpo_beta_original_convention": beta,
             "eval_images_per_setting": len(caps) * len(seeds), "captions": len(caps), "eval_seeds": seeds,
         },

@@ -155,7 +155,8 @@ def get_diffusion_method(name: str) -> DiffusionMethod:
 
 def build_components(cfg: TrainConfig):
     """The configured components: tiny random ones, or a diffusers pipeline directory."""
-    from ..models.diffusion import build_tiny_components, load_diffusion_components
+    from ..models.diffusion import load_diffusion_components
+    from ..models.diffusion_tiny import build_tiny_components
 
     dc, mc = cfg.diffusion, cfg.model
     if mc.name_or_path == "tiny":
@@ -169,12 +170,24 @@ def build_components(cfg: TrainConfig):
                                       prediction_type="epsilon" if dc.prediction_type == "auto" else dc.prediction_type,
                                       pixel_space=dc.pixel_space, seed=cfg.run.seed, resolution=dc.resolution, **tiny)
     else:
-        if dc.pixel_space:
-            raise ConfigError("diffusion.pixel_space=true is for tiny models; real checkpoints have a VAE")
+        from ..models.diffusion import is_pixel_space_dir
+
+        if dc.pixel_space != is_pixel_space_dir(Path(mc.name_or_path).expanduser()):
+            raise ConfigError(f"diffusion.pixel_space={str(dc.pixel_space).lower()} but model.name_or_path="
+                              f"{mc.name_or_path!r} is {'not ' if dc.pixel_space else ''}a pixel-space pipeline "
+                              "(no VAE; written by a tiny pixel-space run); set diffusion.pixel_space accordingly")
         comps = load_diffusion_components(
             mc.name_or_path, kind=dc.kind, dtype=mc.dtype, vae_dtype=dc.vae_dtype,
             prediction_type=None if dc.prediction_type == "auto" else dc.prediction_type, load_t5=dc.load_t5,
             max_sequence_length=dc.max_sequence_length)
+    if dc.zero_terminal_snr:
+        if comps.kind == "sd3":
+            raise ConfigError("diffusion.zero_terminal_snr applies to DDPM schedules (unet/sdxl); flow matching "
+                              "already reaches pure noise at σ = 1")
+        from diffusers import DDPMScheduler
+
+        comps.scheduler = DDPMScheduler.from_config(comps.scheduler.config, rescale_betas_zero_snr=True,
+                                                    timestep_spacing="trailing")
     _freeze(comps)
     return comps
 

@@ -13,9 +13,12 @@ correlated with the base (so CFG's variance does not blow up) and is used as θ_
 
        x_s = (α_s/α_t)·x_t + sqrt(σ_s² − σ_t²·α_s²/α_t²)·ε          (α_t = sqrt(ᾱ_t), σ_t = sqrt(1 − ᾱ_t))
 
-   which gives x_s the teacher's noised marginal at level s (:func:`renoise`).
+   which gives x_s the teacher's noised marginal at level s (:func:`mmalign.methods.tdft.renoise`).
 3. **x0 regression**: the student's x0 prediction at (x_s, s, c) regresses x̂0 with
    :func:`mmalign.losses.self_npo_regression` (pseudo-Huber, c = 1e-3, as in the released code).
+
+The model-free math of steps 1–2 (noise levels, x0/ε conversion, the rollout, re-noising) is in
+:mod:`mmalign.methods.tdft`; this module is the task around it.
 
 Paper vs released code (research/diffusion.md §4; the paper was read through a digest, so the paper column
 is **unverified** beyond what the digest states). Defaults follow the paper; the code's choices are options
@@ -51,141 +54,9 @@ from torch import Tensor, nn
 
 from ..adapters.base import Scores
 
-
-@dataclass
-class NoiseLevels:
-    """α, σ and the denoiser's timestep input for the integer training levels t = 0 … T−1 of a scheduler.
-
-    DDPM-family schedulers: ``α = sqrt(ᾱ_t)``, ``σ = sqrt(1 − ᾱ_t)``, timestep input t. Flow matching
-    (``FlowMatchEulerDiscreteScheduler``): level t has the (shifted) training sigma ``σ = sigmas[T−1−t]``,
-    ``α = 1 − σ`` and timestep input ``σ·T`` (diffusers' SD3 training convention).
-    """
-
-    alpha: Tensor  # [T] float64
-    sigma: Tensor  # [T] float64
-    model_t: Tensor  # [T] float32, what the denoiser's ``timestep`` argument receives
-    prediction_type: str  # "epsilon" | "v_prediction" | "sample" | "flow"
-
-    @property
-    def num_levels(self) -> int:
-        return self.alpha.shape[0]
-
-    def at(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(α_t, σ_t)`` broadcastable to ``x`` (``[B, 1, 1, 1]``); t = −1 means clean (α = 1, σ = 0)."""
-        t = t.long().cpu()
-        clean = t < 0
-        idx = t.clamp(min=0)
-        a = torch.where(clean, torch.ones((), dtype=torch.float64), self.alpha[idx])
-        s = torch.where(clean, torch.zeros((), dtype=torch.float64), self.sigma[idx])
-        shape = (-1,) + (1,) * (x.dim() - 1)
-        return a.to(x.device, torch.float32).view(shape), s.to(x.device, torch.float32).view(shape)
-
-    def timestep_input(self, t: Tensor, device: torch.device) -> Tensor:
-        """The denoiser's ``timestep`` argument: integer levels for DDPM-family models (as in training), the
-        float ``σ·T`` for flow matching."""
-        out = self.model_t[t.long().clamp(min=0).cpu()]
-        return (out if self.prediction_type == "flow" else out.long()).to(device)
-
-
-def noise_levels(scheduler, prediction_type: str | None = None) -> NoiseLevels:
-    """:class:`NoiseLevels` of a diffusers training scheduler (DDPM/DDIM-family or flow matching)."""
-    if hasattr(scheduler, "alphas_cumprod"):
-        ac = scheduler.alphas_cumprod.double()
-        pred = prediction_type or str(scheduler.config.prediction_type)
-        return NoiseLevels(ac.sqrt(), (1 - ac).sqrt(), torch.arange(len(ac), dtype=torch.float32), pred)
-    if hasattr(scheduler, "sigmas") and "FlowMatch" in type(scheduler).__name__:
-        n = int(scheduler.config.num_train_timesteps)
-        sig = scheduler.sigmas.double()[:n].flip(0)  # ascending: level 0 is the least noisy
-        return NoiseLevels(1 - sig, sig, (sig * n).float(), "flow")
-    raise ValueError(f"{type(scheduler).__name__} has neither alphas_cumprod nor flow-matching sigmas; Self-NPO "
-                     "needs a DDPM-family or FlowMatchEulerDiscrete training scheduler")
-
-
-def to_x0_eps(output: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor, prediction_type: str) -> tuple[Tensor, Tensor]:
-    """The denoiser's raw output at ``x = α·x0 + σ·ε`` → ``(x̂0, ε̂)``.
-
-    ε: x0 = (x − σε)/α · v (= αε − σx0): x0 = αx − σv, ε = σx + αv (α² + σ² = 1) · sample: x0 directly ·
-    flow (v = ε − x0, α = 1 − σ): x0 = x − σv, ε = x + αv.
-    """
-    out, x = output.float(), x.float()
-    if prediction_type == "epsilon":
-        return (x - sigma * out) / alpha, out
-    if prediction_type == "v_prediction":
-        return alpha * x - sigma * out, sigma * x + alpha * out
-    if prediction_type == "sample":
-        return out, (x - alpha * out) / sigma.clamp(min=1e-8)
-    if prediction_type == "flow":
-        return x - sigma * out, x + alpha * out
-    raise ValueError(f"prediction_type={prediction_type!r} is not one of epsilon, v_prediction, sample, flow")
-
-
-def renoise(x_t: Tensor, alpha_t: Tensor, sigma_t: Tensor, alpha_s: Tensor, sigma_s: Tensor, noise: Tensor) -> Tensor:
-    """Forward-diffuse a state at level t to the noisier level s (paper step 3)::
-
-        x_s = (α_s/α_t)·x_t + sqrt(σ_s² − σ_t²·α_s²/α_t²)·ε
-
-    If ``x_t = α_t x0 + σ_t ε'`` then ``x_s = α_s x0 + σ_s ε''`` in distribution: the mean scales by α_s/α_t and
-    the added variance tops σ_t²α_s²/α_t² up to σ_s². The released code's
-    ``α_s·(x_t/α_t + sqrt(σ_s²/α_s² − σ_t²/α_t²)·ε)`` is the same expression. s must be noisier (σ_s/α_s ≥
-    σ_t/α_t); the variance is clamped at 0 against rounding.
-    """
-    ratio = alpha_s / alpha_t
-    var = (sigma_s**2 - (sigma_t * ratio) ** 2).clamp(min=0)
-    return ratio * x_t + var.sqrt() * noise
-
-
-def ddim_grid(num_levels: int, grid_steps: int) -> Tensor:
-    """Descending ``[N]`` grid ``T−1, T−1−stride, …`` with stride ``T // N`` (the code's 999, 959, …, 39)."""
-    if not 1 <= grid_steps <= num_levels:
-        raise ValueError(f"grid_steps={grid_steps} must lie in [1, {num_levels}]")
-    stride = num_levels // grid_steps
-    return torch.arange(num_levels - 1, -1, -stride)[:grid_steps]
-
-
-@torch.no_grad()
-def truncated_rollout(
-    predict,
-    x: Tensor,
-    start_index: Tensor,
-    grid: Tensor,
-    levels: NoiseLevels,
-    k_steps: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """K DDIM (η = 0) steps per sample along ``grid`` from ``grid[start_index]``; returns ``(x_end, t_end, x0_hat)``.
-
-    ``predict(x, t) -> (x̂0, ε̂)`` is the (guided) teacher at integer levels ``t [B]``. A DDIM step to level t' is
-    ``x_{t'} = α_{t'} x̂0 + σ_{t'} ε̂`` (the flow-matching Euler step is the same expression). A sample whose next
-    grid point would fall below level 0 steps to the clean sample (t = −1) and stays there. The target is the
-    teacher's x̂0 at the end point (one more evaluation), or the clean sample itself where t_end = −1.
-    """
-    stride = int(grid[0] - grid[1]) if len(grid) > 1 else int(grid[0]) + 1
-    t = grid[start_index.long().cpu()].clone()
-    for _ in range(k_steps):
-        active = t >= 0
-        if not active.any():
-            break
-        x0_hat, eps_hat = predict(x, t.clamp(min=0))
-        t_next = torch.where(active, t - stride, t)
-        t_next = torch.where(active & (t_next < 0), torch.full_like(t_next, -1), t_next)
-        a, s = levels.at(t_next, x)
-        stepped = a * x0_hat + s * eps_hat
-        keep = active.to(x.device).view(-1, *([1] * (x.dim() - 1)))
-        x = torch.where(keep, stepped.to(x.dtype), x)
-        t = t_next
-    target = x.clone()
-    live = t >= 0
-    if live.any():
-        x0_hat, _ = predict(x, t.clamp(min=0))
-        target = torch.where(live.to(x.device).view(-1, *([1] * (x.dim() - 1))), x0_hat.to(x.dtype), target)
-    return x, t, target
-
-
-def higher_levels(t_end: Tensor, u: Tensor, num_levels: int) -> Tensor:
-    """s ~ U{t_end + 1, …, T − 1} per sample from uniform draws ``u`` in [0, 1) (t_end = −1 allows every level;
-    t_end = T − 1 gives s = T − 1)."""
-    low = (t_end.long().cpu() + 1).clamp(max=num_levels - 1)
-    return (low + (u.double().cpu() * (num_levels - low)).floor().long()).clamp(max=num_levels - 1)
-
+# NoiseLevels is unused here but re-exported: the TDFT math lived in this module first and is still imported from it.
+from .tdft import NoiseLevels as NoiseLevels
+from .tdft import ddim_grid, higher_levels, noise_levels, renoise, to_x0_eps, truncated_rollout
 
 # ------------------------------------------------------------------------------------------------ the task
 

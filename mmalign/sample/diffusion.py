@@ -334,33 +334,11 @@ def load_denoiser(path: str | Path, components) -> nn.Module:
 
 
 def load_components(path: str | Path, *, dtype: str = "float32"):
-    """:class:`~mmalign.models.diffusion.DiffusionComponents` of a model directory's base pipeline.
-
-    Pixel-space tiny pipelines (``vae`` recorded as null in ``model_index.json``, so there is no ``vae/``) are
-    read here component by component; everything else goes through ``load_diffusion_components``."""
-    import json
-
+    """:class:`~mmalign.models.diffusion.DiffusionComponents` of a model directory's base pipeline (pixel-space
+    tiny pipelines included: ``load_diffusion_components`` reads both)."""
     from ..models.diffusion import load_diffusion_components
 
-    base = base_pipeline_dir(path)
-    index = json.loads((base / "model_index.json").read_text())
-    if not (base / "vae").is_dir() and index.get("vae", [None])[0] is None and (base / "unet").is_dir():
-        return _load_pixel_space(base, dtype)
-    return load_diffusion_components(base, dtype=dtype)
-
-
-def _load_pixel_space(base: Path, dtype: str):
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel
-
-    from ..models.diffusion import DiffusionComponents
-
-    torch_dtype = getattr(torch, dtype)
-    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=torch_dtype)
-    te = CLIPTextModel.from_pretrained(base / "text_encoder", torch_dtype=torch_dtype).requires_grad_(False).eval()
-    tok = AutoTokenizer.from_pretrained(base / "tokenizer")
-    sched = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
-    return DiffusionComponents("unet", unet, sched, None, [te], [tok], source=str(base))
+    return load_diffusion_components(base_pipeline_dir(path), dtype=dtype)
 
 
 def npo_offset_from(path: str | Path, components) -> dict[str, Tensor]:

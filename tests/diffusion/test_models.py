@@ -133,3 +133,33 @@ def test_saved_lora_loads_with_load_lora_weights(tmp_path, kind):
         else:
             ours, theirs = model(x, t, encoder_hidden_states=e).sample, net(x, t, encoder_hidden_states=e).sample
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
+
+
+def test_pixel_space_pipeline_dir_loads_by_path_and_zero_snr_is_a_config_key(tmp_path):
+    """A tiny pixel-space pipeline saved with ``save_pretrained`` (no VAE) loads back through
+    ``model.name_or_path`` with the same UNet weights; ``diffusion.zero_terminal_snr`` rescales the schedule to
+    ᾱ_T = 0 with trailing timesteps; mismatched or unsupported settings are config errors."""
+    from mmalign.api import load_train_config
+    from mmalign.config import ConfigError
+    from mmalign.methods.diffusion import build_components
+
+    comps = build_tiny_components("unet", pixel_space=True, seed=0, prediction_type="sample")
+    comps.pipeline(comps.denoiser).save_pretrained(str(tmp_path / "px"))
+
+    def cfg(*overrides):
+        return load_train_config({"modality": "diffusion", "diffusion": {"resolution": 16},
+                                  "data": {"train": ["unused.jsonl"]}}, list(overrides))
+
+    loaded = build_components(cfg(f"model.name_or_path={tmp_path / 'px'}", "diffusion.pixel_space=true",
+                                  "diffusion.prediction_type=sample", "diffusion.zero_terminal_snr=true"))
+    assert loaded.vae is None and loaded.scheduler.config.prediction_type == "sample"
+    want = comps.denoiser.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in loaded.denoiser.state_dict().items())
+    assert float(loaded.scheduler.alphas_cumprod[-1]) < 1e-6 < float(comps.scheduler.alphas_cumprod[-1])
+    assert loaded.scheduler.config.timestep_spacing == "trailing"
+    with pytest.raises(ConfigError, match="pixel-space pipeline"):
+        build_components(cfg(f"model.name_or_path={tmp_path / 'px'}"))
+    with pytest.raises(ConfigError, match="zero_terminal_snr=true with prediction_type=epsilon"):
+        cfg("diffusion.zero_terminal_snr=true", "diffusion.prediction_type=epsilon")
+    with pytest.raises(ConfigError, match="flow matching"):
+        build_components(cfg("diffusion.kind=sd3", "diffusion.zero_terminal_snr=true"))

@@ -198,7 +198,9 @@ def test_curriculum_demo_runs(tmp_path: Path):
     report = run(tmp_path, weak_steps=30, sft_steps=80, strong_steps=30, align_steps=20, n_seeds=1, n_prompts=64,
                  n_eval=64)
     assert report["method"] == "auto_pairs_curriculum"
-    for key in ("before", "after", "base"):
+    for key in ("before", "after", "base", "mix"):
         assert 0.0 <= report[key] <= 1.0
+    assert report["before"] == report["base"]
+    assert report["curriculum_minus_mix"] == pytest.approx(report["after"] - report["mix"], abs=2e-4)
     assert len(report["per_seed"]["mix"]) == len(report["per_seed"]["curriculum"]) == 1
     assert (tmp_path / "report.md").is_file() and (tmp_path / "report.json").is_file()
