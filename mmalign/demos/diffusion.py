@@ -19,6 +19,9 @@ NPO-guided CFG with each.
      (8 eval seeds; dropout 0.5 gave the same picture): the offset is too large at β = 1;
    - dropout 0.2, lr 3e-5 (the defaults): β = 0.5: 0.735 → 0.742 / 0.775 → 0.781; β = 1: 0.747 / 0.781.
    β = 1 with α = 1 (θ_neg = θ_dpo + δ) is the reference code's default (merge_weight 0).
+   Self-NPO's δ lowered the reward at every setting tried (lr 2e-4 / 5e-5 / 2e-5 for 100 steps, β = 0.5 / 1:
+   base −0.009 to −0.027, DPO −0.006 to −0.020, 8 eval seeds), less so the smaller the offset: on this toy the
+   model's own samples do not carry the faded failure mode more than its training data does.
 5. Self-NPO (data-free truncated diffusion fine-tuning) from the SFT model: δ = θ_selfnpo − θ_sft.
 6. Evaluation on captions × seeds held out from the pair seeds: mean reward of samples from the SFT model, the
    DPO model, and each with NPO-guided CFG (θ_neg = θ_sft + α·(θ_pos − θ_sft) + β·δ) for both negative models.
