@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .rows import DataError, load_rows
+from .rows import DataError, load_hf_split, load_rows
 
 
 class _Table:
@@ -64,19 +64,7 @@ class _ArrowTable(_Table):
 
 class _HFTable(_Table):
     def __init__(self, path: Path, split: str, limit: int | None):
-        import datasets
-
-        try:
-            ds = datasets.load_from_disk(str(path))
-        except Exception as e:
-            raise DataError(f"{path}: cannot load the saved HF dataset: {e}; fix: save it again with "
-                            "save_to_disk") from e
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise DataError(f"{path}: no split {split!r} in this DatasetDict; fix: use one of {sorted(ds)}")
-            ds = ds[split]
-        if limit is not None:
-            ds = ds.select(range(min(limit, len(ds))))
+        ds = load_hf_split(path, split, limit)
         super().__init__(str(path), path, len(ds), set(ds.column_names))
         self.ds, self._cols = ds, {}
 

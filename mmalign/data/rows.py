@@ -347,7 +347,9 @@ def _read_jsonl(path: Path, skip: bool, skipped: Counter, limit: int | None) -> 
     return out
 
 
-def _read_hf_dir(path: Path, split: str, limit: int | None) -> list:
+def load_hf_split(path: Path, split: str, limit: int | None = None):
+    """One split of a ``save_to_disk`` directory (a ``Dataset``, or a split of a ``DatasetDict``), at most
+    ``limit`` rows; a clear error naming the directory when it cannot be read or lacks the split."""
     import datasets  # heavy; imported only when a dataset directory is read
 
     try:
@@ -360,8 +362,11 @@ def _read_hf_dir(path: Path, split: str, limit: int | None) -> list:
             raise DataError(f"{path}: no split {split!r} in this DatasetDict; "
                             f"fix: pass split= one of {sorted(ds)}")
         ds = ds[split]
-    n = len(ds) if limit is None else min(limit, len(ds))
-    return [(str(path), i + 1, row) for i, row in enumerate(ds.select(range(n)))]
+    return ds if limit is None else ds.select(range(min(limit, len(ds))))
+
+
+def _read_hf_dir(path: Path, split: str, limit: int | None) -> list:
+    return [(str(path), i + 1, row) for i, row in enumerate(load_hf_split(path, split, limit))]
 
 
 # --------------------------------------------------------------------------------------------------------

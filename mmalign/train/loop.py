@@ -113,7 +113,7 @@ class _Scorer(nn.Module):
 FORCE_GATHERED_SAVE = False
 
 
-def gathered_state_dict(accelerator, model: nn.Module) -> dict[str, torch.Tensor] | None:
+def gathered_state_dict(accelerator, model: nn.Module | None) -> dict[str, torch.Tensor] | None:
     """The policy's full state dict when its weights are sharded across ranks (FSDP, DeepSpeed ZeRO-3), else
     ``None`` (each process holds the whole model and the task saves it directly).
 
@@ -127,7 +127,7 @@ def gathered_state_dict(accelerator, model: nn.Module) -> dict[str, torch.Tensor
     dtype = accelerator.distributed_type
     zero3 = (dtype == DistributedType.DEEPSPEED
              and accelerator.deepspeed_config.get("zero_optimization", {}).get("stage") == 3)
-    if not (dtype == DistributedType.FSDP or zero3 or FORCE_GATHERED_SAVE):
+    if model is None or not (dtype == DistributedType.FSDP or zero3 or FORCE_GATHERED_SAVE):
         return None
     state = accelerator.get_state_dict(model)
     prefix = "model."
@@ -329,6 +329,7 @@ def fit(task: Task, cfg: TrainConfig, accelerator=None) -> dict:
     logger = MetricsLogger(out_dir, cfg.run.report_to, enabled=accelerator.is_main_process)
     reference = _make_reference(task, cfg)
     global_step, summary, t0 = 0, {"stages": []}, time.time()
+    model = None  # the prepared (possibly sharded) policy of the current stage
     stage_steps: list[int] = []  # steps of the stages finished so far (checkpoints need it to skip them)
     anchors: dict[str, str] = {}  # precomputed reference tables of the current anchor (see _stage_precomputed)
     procs = dict(world_size=accelerator.num_processes, rank=accelerator.process_index, grad_accum=cfg.run.grad_accum)
