@@ -184,6 +184,9 @@ def build_components(cfg: TrainConfig):
         if comps.kind == "sd3":
             raise ConfigError("diffusion.zero_terminal_snr applies to DDPM schedules (unet/sdxl); flow matching "
                               "already reaches pure noise at σ = 1")
+        if comps.prediction_type == "epsilon":  # prediction_type=auto kept an ε-prediction scheduler
+            raise ConfigError("diffusion.zero_terminal_snr=true but the model predicts epsilon, which is undefined "
+                              "at zero SNR; set diffusion.prediction_type=v_prediction or sample (Lin et al. §3.2)")
         from diffusers import DDPMScheduler
 
         comps.scheduler = DDPMScheduler.from_config(comps.scheduler.config, rescale_betas_zero_snr=True,

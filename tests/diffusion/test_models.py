@@ -161,5 +161,7 @@ def test_pixel_space_pipeline_dir_loads_by_path_and_zero_snr_is_a_config_key(tmp
         build_components(cfg(f"model.name_or_path={tmp_path / 'px'}"))
     with pytest.raises(ConfigError, match="zero_terminal_snr=true with prediction_type=epsilon"):
         cfg("diffusion.zero_terminal_snr=true", "diffusion.prediction_type=epsilon")
+    with pytest.raises(ConfigError, match="predicts epsilon"):
+        build_components(cfg("diffusion.zero_terminal_snr=true"))  # auto: the tiny default is ε-prediction
     with pytest.raises(ConfigError, match="flow matching"):
         build_components(cfg("diffusion.kind=sd3", "diffusion.zero_terminal_snr=true"))
