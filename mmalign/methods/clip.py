@@ -27,7 +27,7 @@ from ..adapters.contrastive import MAX_LOGIT_SCALE, ImageTextBatch, dist_info, g
 from ..config import ConfigError
 from ..data.image_text import ImageTextCollator, ImageTextDataset, ImageTextOptions, load_image_text, load_texts
 from ..losses import update_weight_average
-from ..models.clip import ClipBundle, load_clip, save_clip
+from ..models.clip import ClipBundle, apply_clip_lora, has_lora, load_clip, merge_lora_state, save_clip
 from ..schema import StageConfig, TrainConfig
 from ..train.loop import StageData
 from .clip_losses import ClipMethod, clip_method_loss, get_clip_method, resolve_kwargs
@@ -58,8 +58,6 @@ class ClipTask:
 
     def __init__(self, cfg: TrainConfig, *, bundle: ClipBundle | None = None):
         self.cfg = cfg
-        if cfg.lora.enabled:
-            raise ConfigError("lora.enabled=true is not supported for modality=clip; train all weights")
         self.method = get_clip_method(cfg.loss.name)
         self.kw = resolve_kwargs(self.method, cfg.loss.kwargs)
         self.normalize = self.method.normalize if cfg.clip.normalize is None else cfg.clip.normalize
@@ -68,6 +66,11 @@ class ClipTask:
                                           dtype=cfg.model.dtype, seed=cfg.run.seed, tiny=cfg.model.tiny,
                                           init_logit_bias=init_bias,
                                           gradient_checkpointing=cfg.model.gradient_checkpointing)
+        if cfg.lora.enabled:
+            self._check_lora(cfg)
+            lc = cfg.lora
+            self.bundle.model = apply_clip_lora(self.bundle.model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout,
+                                                target_modules=lc.target_modules)
         self.model = self.bundle.model
         self._set_trainable()
         strategy = cfg.reference.strategy
@@ -91,6 +94,20 @@ class ClipTask:
             self._avg = {n: p.detach().float().clone() for n, p in self.model.named_parameters() if p.requires_grad}
         self._generator: torch.Generator | None = None
         self._stage_calls = 0
+
+    def _check_lora(self, cfg: TrainConfig) -> None:
+        """LoRA factors cannot be averaged or interpolated on their own (B·A is bilinear: averaging A and B is
+        not averaging the update), so the weight-space methods need full fine-tuning."""
+        bad = []
+        if cfg.clip.weight_average != "none":
+            bad.append(f"clip.weight_average={cfg.clip.weight_average}")
+        if cfg.clip.final_wise_alpha < 1.0:
+            bad.append(f"clip.final_wise_alpha={cfg.clip.final_wise_alpha}")
+        if self.kw.get("l2_weight", 0.0) > 0:
+            bad.append(f"loss.kwargs.l2_weight={self.kw['l2_weight']}")
+        if bad:
+            raise ConfigError(f"lora.enabled=true cannot be combined with {', '.join(bad)} (they act on whole "
+                              "weights, not on LoRA factors); train all weights (lora.enabled=false) or drop them")
 
     def _set_trainable(self) -> None:
         scale_frozen, bias_frozen = _freeze_logit_params(self.method, self.kw, self.normalize,
@@ -243,7 +260,10 @@ class ClipTask:
         if self._avg is not None and self._avg_count == 0:
             log.warning("clip.weight_average=%s but no average was taken (after_step never ran, or the run was "
                         "shorter than one update): saving the current weights", self.cfg.clip.weight_average)
-        save_clip(self.bundle, path, model, state_dict=self.final_state_dict(model, state_dict))
+        state = self.final_state_dict(model, state_dict)
+        if has_lora(getattr(model, "module", model)):
+            state = merge_lora_state(getattr(model, "module", model), state)
+        save_clip(self.bundle, path, model, state_dict=state)
 
     def merge_lora(self) -> None:
         raise ConfigError("stage.merge_lora needs LoRA, which modality=clip does not support")

@@ -306,3 +306,54 @@ def save_clip(bundle: ClipBundle, path: str | Path, model: nn.Module | None = No
         (path / META_FILE).write_text(json.dumps({"tokenizer": "open_clip_simple",
                                                   "context_length": bundle.tokenizer.context_length}))
     return path
+
+
+# -- LoRA ------------------------------------------------------------------------------------------------------
+
+
+def clip_lora_targets(model: nn.Module) -> list[str]:
+    """Every ``nn.Linear`` of the model except those inside ``nn.MultiheadAttention``: open_clip's attention calls
+    ``F.multi_head_attention_forward`` with ``out_proj.weight`` directly, so a LoRA wrapper there would never run
+    (peft's "all-linear" would pick it and silently train nothing). HF CLIP has no such module: all its linears."""
+    inside_mha = {f"{name}.{child}" if name else child
+                  for name, mod in model.named_modules() if isinstance(mod, nn.MultiheadAttention)
+                  for child, _ in mod.named_modules() if child}
+    return [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and name not in inside_mha]
+
+
+def apply_clip_lora(model: nn.Module, *, r: int, alpha: int, dropout: float = 0.0,
+                    target_modules: str | list[str] = "all-linear") -> nn.Module:
+    """Inject LoRA adapters in place (``peft.inject_adapter_in_model``: the model keeps its class, so open_clip's
+    ``encode_image``/``encode_text`` and HF's ``get_*_features`` work unchanged); only the adapters train.
+    ``"all-linear"`` means :func:`clip_lora_targets`."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = clip_lora_targets(model) if target_modules == "all-linear" else target_modules
+    if not targets:
+        raise ConfigError("lora: no linear layer to adapt in this CLIP model; set lora.target_modules")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
+    model = inject_adapter_in_model(config, model)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return model
+
+
+def merge_lora_state(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` (keys of a LoRA-injected ``model``; possibly averaged or gathered weights, not the live ones) with
+    every adapter folded into its base weight, W + scaling·B·A, and the keys of the plain model: what
+    :func:`save_clip` writes and :func:`load_clip` reads back without peft."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    state = dict(state)
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoraLinear):
+            for adapter in mod.active_adapters:
+                a = state.pop(f"{name}.lora_A.{adapter}.weight").float()
+                b = state.pop(f"{name}.lora_B.{adapter}.weight").float()
+                key = f"{name}.base_layer.weight"
+                state[key] = (state[key].float() + mod.scaling[adapter] * (b @ a)).to(state[key].dtype)
+    return {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any(".lora_" in name for name, _ in model.named_parameters())

@@ -87,3 +87,38 @@ def test_two_process_ddp_run(tmp_path, extra):
     start = out.stdout.index("\n{") + 1  # after the launcher's command line; every rank prints a summary
     summary, _ = json.JSONDecoder().raw_decode(out.stdout[start:])
     assert summary["global_step"] == 2 and math.isfinite(summary["stages"][0]["final"]["loss"])
+
+
+@pytest.mark.parametrize("family", ["tiny", "tiny-hf"])
+@pytest.mark.parametrize("method", ["clip", "zscl"])
+def test_lora_trains_only_adapters_and_saves_merged_weights(tmp_path, family, method):
+    """LoRA on open_clip (its MLP linears: attention's out_proj is never called as a module) and HF CLIP: only
+    LoRA factors (and the logit scale, where the method trains it) change; the saved model is the merged one,
+    loadable without peft and giving the trained model's features."""
+    extra = [f"model.name_or_path={family}", "lora.enabled=true", "lora.r=4", "lora.alpha=8", "optim.lr=5e-2"]
+    if method == "zscl":
+        extra.append("clip.weight_average=none")
+    task, before, summary = _run(tmp_path, method, extra)
+    trainable = {n for n, p in task.model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n or n.startswith("logit_") for n in trainable)
+    if family == "tiny":
+        assert not any(".attn.out_proj" in n for n in trainable)
+    moved = {n for n, p in task.model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and moved <= trainable and any(".lora_B." in n for n in moved)
+    reloaded = load_clip(summary["final_model"]).model.eval()
+    assert not any(".lora_" in n for n, _ in reloaded.named_parameters())
+    model = task.model.eval()
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        if family == "tiny":
+            want, got = model.encode_image(images), reloaded.encode_image(images)
+        else:
+            want, got = model.get_image_features(pixel_values=images), reloaded.get_image_features(pixel_values=images)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_lora_refuses_weight_space_methods(tmp_path):
+    from mmalign.config import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot be combined with clip.weight_average=sma"):
+        _run(tmp_path, "zscl", ["lora.enabled=true"])
