@@ -20,7 +20,6 @@ best, rejected = the worst (or every pair above a margin), as in reward-ranked s
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Sequence
@@ -30,6 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+
+# Re-exported: the demos and tests reach the ranker and the jsonl writer through this module.
+from .pairs import write_jsonl  # noqa: F401
+from .ranking import RankedPair, rank_pairs  # noqa: F401
 
 SHAPES = ("circle", "square", "triangle")
 SHAPE_COLORS: dict[str, tuple[float, float, float]] = {
@@ -228,50 +231,3 @@ def reward(images: Tensor | np.ndarray | Sequence, captions: str | Sequence[str]
     d_frame = (x - bg_rgb[:, :, None, None]).norm(dim=1)
     err = 0.5 * (d_centre[:, centre].mean(1) + d_frame[:, frame].mean(1))
     return 1.0 - err / math.sqrt(3.0)
-
-
-@dataclass(frozen=True)
-class RankedPair:
-    """Indices into one prompt's samples: ``chosen`` scored higher than ``rejected`` by ``margin``."""
-
-    prompt_index: int
-    chosen: int
-    rejected: int
-    margin: float
-
-
-def rank_pairs(rewards: Tensor | np.ndarray, *, strategy: str = "best_worst", min_margin: float = 0.0,
-               max_pairs_per_prompt: int | None = None) -> list[RankedPair]:
-    """Pairs from a ``[P, N]`` reward table (P prompts × N samples each).
-
-    ``best_worst``: one pair per prompt, the highest against the lowest sample (the usual choice for
-    self-generated pairs: largest margin, least label noise). ``all``: every pair with margin ≥ ``min_margin``,
-    largest margins first. Prompts whose best margin is below ``min_margin`` give no pair (ties carry no
-    preference; Diffusion-DPO drops tied Pick-a-Pic pairs).
-    """
-    r = torch.as_tensor(rewards, dtype=torch.float64)
-    if r.dim() != 2 or r.shape[1] < 2:
-        raise ValueError(f"rewards must be [prompts, samples] with >= 2 samples per prompt; got {tuple(r.shape)}")
-    if strategy not in ("best_worst", "all"):
-        raise ValueError(f"strategy={strategy!r} is not one of ['all', 'best_worst']")
-    pairs: list[RankedPair] = []
-    for p in range(r.shape[0]):
-        row = r[p]
-        if strategy == "best_worst":
-            hi, lo = int(row.argmax()), int(row.argmin())
-            margin = float(row[hi] - row[lo])
-            if margin > 0 and margin >= min_margin:
-                pairs.append(RankedPair(p, hi, lo, margin))
-            continue
-        cand = [RankedPair(p, i, j, float(row[i] - row[j])) for i in range(len(row)) for j in range(len(row))
-                if row[i] - row[j] > 0 and row[i] - row[j] >= min_margin]
-        cand.sort(key=lambda q: -q.margin)
-        pairs.extend(cand[:max_pairs_per_prompt] if max_pairs_per_prompt else cand)
-    return pairs
-
-
-def write_jsonl(rows: Sequence[dict], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
