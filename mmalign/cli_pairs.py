@@ -76,3 +76,50 @@ def pairs(
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
     typer.echo(json.dumps(result, indent=1))
+
+
+@app.command("temple-pairs")
+def temple_pairs(
+    model: str = typer.Option(..., help="text model writing the video captions: a checkpoint directory"),
+    videos: str = typer.Option(..., help=".jsonl with {video, clip_captions: [str, ...]} per row (clips in order)"),
+    out: str = typer.Option(..., help="output directory: responses.jsonl, pairs.jsonl, temple_r<m>.jsonl, "
+                                      "stages.yaml"),
+    kinds: str = typer.Option("drop,shuffle,reverse", help="perturbations, comma-separated"),
+    magnitudes: str = typer.Option("16,8,4,2", help="magnitudes, comma-separated; the stage order (easy -> hard)"),
+    max_new_tokens: int = 128,
+    temperature: float = 0.7,
+    seed: int = 0,
+    chat: bool = typer.Option(False, help="wrap prompts in the tokenizer's chat template"),
+    check_videos: bool = typer.Option(True, help="require every video file to exist"),
+) -> None:
+    """TEMPLE (2503.16929) caption-mode pairs: responses from clean vs perturbed clip-caption lists, filtered as
+    the released code does, split into easy -> hard magnitude stages."""
+    import yaml
+
+    from .data.pairs import write_jsonl
+    from .data.rows import DataError, load_rows
+    from .data.temple import build_temple_pairs, magnitude_stages
+    from .methods.temple_gen import generate_temple_responses
+    from .models.text import load_causal_lm, load_tokenizer
+
+    try:
+        rows = [row for _, _, row in load_rows(videos)]
+        mags = [int(m) for m in magnitudes.split(",") if m.strip()]
+        responses = generate_temple_responses(
+            load_causal_lm(model), load_tokenizer(model), rows, kinds=[k.strip() for k in kinds.split(",")],
+            magnitudes=mags, seed=seed, max_new_tokens=max_new_tokens, temperature=temperature, chat=chat)
+        out_dir = Path(out)
+        write_jsonl([{"video": r.video, "video_id": r.video_id, "chosen": r.chosen,
+                      "rejected": {f"{k}_{m}": t for (k, m), t in r.rejected.items()}} for r in responses],
+                    out_dir / "responses.jsonl")
+        pair_rows, stats = build_temple_pairs(responses, seed=seed, check_videos=check_videos,
+                                              base_dir=Path(videos).parent)
+        pairs_file = write_jsonl(pair_rows, out_dir / "pairs.jsonl")
+        stages = magnitude_stages(pairs_file, out_dir, mags)
+        (out_dir / "stages.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+        result = {"out": str(out_dir), "pairs_file": str(pairs_file), "stages_file": str(out_dir / "stages.yaml"),
+                  **stats}
+    except (ValueError, DataError, OSError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(result, indent=1))
