@@ -266,7 +266,8 @@ class ClipTask:
         save_clip(self.bundle, path, model, state_dict=state)
 
     def merge_lora(self) -> None:
-        raise ConfigError("stage.merge_lora needs LoRA, which modality=clip does not support")
+        raise ConfigError("stage.merge_lora is not supported for modality=clip (its LoRA is merged when the "
+                          "final model is saved); use one stage, or several without merge_lora")
 
     # -- resumable state of the averaging and RaFA streams (for a loop that checkpoints task state) -----------
     def state_dict(self) -> dict:

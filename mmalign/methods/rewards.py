@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -51,7 +52,8 @@ def load_reward_fn(spec: str) -> BatchedReward:
     ``f(prompts, completions) -> list[float]``."""
     if spec in REWARD_FNS:
         named = REWARD_FNS[spec]
-        return lambda prompts, completions: [named(p, c) for p, c in zip(prompts, completions, strict=True)]
+        return _checked(spec, lambda prompts, completions: [named(_text(p), c)
+                                                            for p, c in zip(prompts, completions, strict=True)])
     module, _, name = spec.partition(":")
     if not module or not name:
         raise ConfigError(f"options.reward_fn={spec!r} is neither one of {sorted(REWARD_FNS)} nor "
@@ -61,17 +63,48 @@ def load_reward_fn(spec: str) -> BatchedReward:
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"options.reward_fn={spec!r} cannot be imported ({e}); fix: make the module importable "
                           "(on PYTHONPATH) and check the function name") from None
+    if not callable(fn):
+        raise ConfigError(f"options.reward_fn={spec!r} is a {type(fn).__name__}, not a function")
     params = inspect.signature(fn).parameters
+    kinds = {p.kind for p in params.values()}
     if "completions" in params:  # TRL's reward-function convention: batched, keyword arguments
-        return lambda prompts, completions: list(fn(prompts=prompts, completions=completions))
+        with_prompts = "prompts" in params or inspect.Parameter.VAR_KEYWORD in kinds
+        return _checked(spec, lambda prompts, completions: list(
+            fn(prompts=prompts, completions=completions) if with_prompts else fn(completions=completions)))
     positional = [p for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
                   and p.default is p.empty]
-    if len(positional) == 1:
-        return lambda prompts, completions: [fn(c) for c in completions]
-    if len(positional) == 2:
-        return lambda prompts, completions: [fn(p, c) for p, c in zip(prompts, completions, strict=True)]
+    if len(positional) == 1 and inspect.Parameter.VAR_POSITIONAL not in kinds:
+        return _checked(spec, lambda prompts, completions: [fn(c) for c in completions])
+    if len(positional) == 2 or (len(positional) < 2 and inspect.Parameter.VAR_POSITIONAL in kinds):
+        return _checked(spec, lambda prompts, completions: [fn(p, c)
+                                                            for p, c in zip(prompts, completions, strict=True)])
     raise ConfigError(f"options.reward_fn={spec!r}: the function must take (completion), (prompt, completion) or "
                       "keyword arguments (prompts=, completions=) returning a list of floats")
+
+
+def _text(prompt: Any) -> str:
+    """A conversational prompt (list of ``{role, content}``) as plain text, for the string-based named rewards."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(str(m.get("content", "")) if isinstance(m, dict) else str(m) for m in prompt)
+
+
+def _checked(spec: str, fn: BatchedReward) -> BatchedReward:
+    """One finite float per completion, or an error naming the reward (a wrong length would otherwise surface
+    later as a shape error far from its cause)."""
+
+    def call(prompts: list, completions: list[str]) -> list[float]:
+        out = fn(prompts, completions)
+        try:
+            values = [float(v) for v in out]
+        except (TypeError, ValueError):
+            values = None
+        if values is None or len(values) != len(completions) or not all(math.isfinite(v) for v in values):
+            raise ValueError(f"the reward {spec!r} must return one finite number per completion; got "
+                             f"{out!r:.200} for {len(completions)} completions")
+        return values
+
+    return call
 
 
 class ModelReward:

@@ -328,7 +328,17 @@ def apply_clip_lora(model: nn.Module, *, r: int, alpha: int, dropout: float = 0.
     ``"all-linear"`` means :func:`clip_lora_targets`."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    targets = clip_lora_targets(model) if target_modules == "all-linear" else target_modules
+    allowed = clip_lora_targets(model)
+    if target_modules == "all-linear":
+        targets = allowed
+    else:  # names as peft matches them: a full module path or its last component(s)
+        targets = list(target_modules)
+        unmatched = [t for t in targets if not any(a == t or a.endswith(f".{t}") for a in allowed)]
+        if unmatched:
+            raise ConfigError(f"lora.target_modules {unmatched} match no linear layer that runs in this CLIP model "
+                              "(LoRA supports nn.Linear here, and linears inside nn.MultiheadAttention are never "
+                              f"called); e.g. {sorted({a.rsplit('.', 1)[-1] for a in allowed})[:8]} or 'all-linear'")
+        targets = [a for a in allowed if any(a == t or a.endswith(f".{t}") for t in targets)]
     if not targets:
         raise ConfigError("lora: no linear layer to adapt in this CLIP model; set lora.target_modules")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
@@ -352,7 +362,11 @@ def merge_lora_state(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Te
                 b = state.pop(f"{name}.lora_B.{adapter}.weight").float()
                 key = f"{name}.base_layer.weight"
                 state[key] = (state[key].float() + mod.scaling[adapter] * (b @ a)).to(state[key].dtype)
-    return {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
+    left = sorted(k for k in state if ".lora_" in k)
+    if left:  # an adapter type this merge does not fold would otherwise be dropped silently
+        raise ValueError(f"merge_lora_state: LoRA weights {left[:3]} belong to no peft lora.Linear; only linear "
+                         "adapters can be merged into a saved CLIP model")
+    return {k.replace(".base_layer.", "."): v for k, v in state.items()}
 
 
 def has_lora(model: nn.Module) -> bool:

@@ -414,7 +414,8 @@ def save_denoiser_run(components, model: nn.Module, path: str | os.PathLike, *, 
     """The final layout of every diffusion run (Diffusion-DPO/NPO/SFT and Self-NPO), which the sampler and
     :mod:`mmalign.methods.npo` read: LoRA → ``pytorch_lora_weights.safetensors`` (``load_lora_weights``);
     full → the denoiser as a diffusers subfolder (``unet/`` or ``transformer/``); a tiny base, which cannot be
-    rebuilt from a hub id, → ``base_pipeline/``; ``info`` (+ kind, prediction type, format, base) →
+    rebuilt from a hub id, → ``base_pipeline/``; the training scheduler → ``scheduler/`` (read back by
+    :func:`mmalign.sample.diffusion.load_components`); ``info`` (+ kind, prediction type, format, base) →
     ``mmalign_diffusion.json``. ``state_dict``: gathered weights of a sharded run, written instead of the
     model's own."""
     import json
@@ -440,6 +441,9 @@ def save_denoiser_run(components, model: nn.Module, path: str | os.PathLike, *, 
                 del model.state_dict
     if tiny_base is not None:
         components.pipeline(tiny_base).save_pretrained(str(path / "base_pipeline"))
+    # The training scheduler as trained (zero terminal SNR, a prediction_type override): a base given by path
+    # keeps its own scheduler, so without this the sampler would use a schedule the model never saw.
+    components.scheduler.save_pretrained(str(path / "scheduler"))
     meta = {"kind": components.kind, "prediction_type": components.prediction_type,
             "format": "lora" if lora else "full", "base": components.source, **info}
     (path / "mmalign_diffusion.json").write_text(json.dumps(meta, indent=2, default=str))

@@ -381,9 +381,10 @@ def save_lvlm(model: nn.Module, inputs: LVLMInputs, path: str | os.PathLike, *,
     is_peft = hasattr(model, "peft_config") or (isinstance(model, PatchLVLM) and hasattr(model.lm, "peft_config"))
     if is_peft and not _base_is_loadable(model):
         model = copy.deepcopy(model)
-        if state_dict is not None:  # an unsharded copy to merge into: load the gathered weights first
-            model.load_state_dict(state_dict)
-            state_dict = None
+        if state_dict is not None:
+            # The copy is of the sharded module (size-0 or wrapped parameters): it cannot take the gathered weights.
+            raise ValueError("save_lvlm: a LoRA model over an in-process (tiny) base cannot be saved from a sharded "
+                             "run; train tiny models without FSDP / ZeRO-3, or from a base saved to disk")
         if isinstance(model, PatchLVLM):
             model.lm = model.lm.merge_and_unload()
         else:

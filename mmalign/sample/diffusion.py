@@ -335,10 +335,16 @@ def load_denoiser(path: str | Path, components) -> nn.Module:
 
 def load_components(path: str | Path, *, dtype: str = "float32"):
     """:class:`~mmalign.models.diffusion.DiffusionComponents` of a model directory's base pipeline (pixel-space
-    tiny pipelines included: ``load_diffusion_components`` reads both)."""
+    tiny pipelines included: ``load_diffusion_components`` reads both). A trained run's ``final/`` also carries
+    the scheduler it was trained with (``scheduler/``: zero terminal SNR, a prediction-type override), which
+    replaces the base pipeline's."""
     from ..models.diffusion import load_diffusion_components
 
-    return load_diffusion_components(base_pipeline_dir(path), dtype=dtype)
+    comps = load_diffusion_components(base_pipeline_dir(path), dtype=dtype)
+    trained = Path(path) / "scheduler"
+    if (Path(path) / INFO_FILE).is_file() and (trained / "scheduler_config.json").is_file():
+        comps.scheduler = type(comps.scheduler).from_pretrained(str(trained))
+    return comps
 
 
 def npo_offset_from(path: str | Path, components) -> dict[str, Tensor]:

@@ -119,8 +119,9 @@ def gathered_state_dict(accelerator, model: nn.Module | None) -> dict[str, torch
 
     A sharded model's own ``state_dict()`` on the main process holds only that rank's shards, so the final
     ``save_pretrained`` would write a broken checkpoint; accelerate's ``get_state_dict`` gathers full tensors
-    (to CPU, on the main rank; ZeRO-3 needs ``zero3_save_16bit_model: true``) and must run on every rank, as
-    HF ``Trainer`` does. Keys are relative to ``task.model`` (the ``_Scorer`` wrapper's ``model.`` is dropped);
+    (to CPU, on the main rank) and must run on every rank, as HF ``Trainer`` does. ZeRO-3 gathers the 16-bit
+    weights (``zero3_save_16bit_model: true``, checked when the run starts): the final model is then saved in
+    the training dtype, not fp32. Keys are relative to ``task.model`` (the ``_Scorer`` wrapper's ``model.`` is dropped);
     tasks write them with ``save_pretrained(..., state_dict=...)``."""
     from accelerate.utils import DistributedType
 
@@ -130,8 +131,23 @@ def gathered_state_dict(accelerator, model: nn.Module | None) -> dict[str, torch
     if model is None or not (dtype == DistributedType.FSDP or zero3 or FORCE_GATHERED_SAVE):
         return None
     state = accelerator.get_state_dict(model)
+    if state is None:  # ZeRO-3 consolidates on rank 0 only and returns None elsewhere; only rank 0 saves
+        return {}
     prefix = "model."
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _check_final_save(accelerator, cfg: TrainConfig) -> None:
+    """Fail before training, not after it, when ZeRO-3 could not gather the weights for the final save."""
+    from accelerate.utils import DistributedType
+
+    if not cfg.run.save_final or accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    zero = accelerator.deepspeed_config.get("zero_optimization", {})
+    if zero.get("stage") == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save", False):
+        raise ConfigError("DeepSpeed ZeRO-3 with run.save_final=true needs the 16-bit weights gathered at save: set "
+                          "zero3_save_16bit_model: true in the accelerate config (configs/accelerate/"
+                          "deepspeed_zero3.yaml does), or run.save_final=false and export with zero_to_fp32.py")
 
 
 def resolve_stages(cfg: TrainConfig) -> list[StageConfig]:
@@ -323,6 +339,7 @@ def fit(task: Task, cfg: TrainConfig, accelerator=None) -> dict:
     if accelerator.is_main_process:
         ckpt.clean_incomplete(out_dir)
     resume_from = ckpt.find_resume_checkpoint(out_dir, cfg.run.resume)
+    _check_final_save(accelerator, cfg)
     resume_state = ckpt.read_state(resume_from) if resume_from else None
     if resume_state:
         _check_resume(resume_state, stages, resume_from)

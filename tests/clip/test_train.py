@@ -122,3 +122,14 @@ def test_lora_refuses_weight_space_methods(tmp_path):
 
     with pytest.raises(ConfigError, match="cannot be combined with clip.weight_average=sma"):
         _run(tmp_path, "zscl", ["lora.enabled=true"])
+
+
+def test_lora_targets_that_never_run_are_refused(tmp_path):
+    from mmalign.config import ConfigError
+
+    for bad in ("out_proj", "conv1"):  # inside nn.MultiheadAttention (never called) / not a Linear
+        with pytest.raises(ConfigError, match=f"target_modules \\['{bad}'\\] match no linear layer"):
+            _run(tmp_path, "clip", ["lora.enabled=true", f"lora.target_modules=[{bad}]"])
+    task, _, _ = _run(tmp_path / "ok", "clip", ["lora.enabled=true", "lora.target_modules=[c_fc]"])
+    lora = {n.split(".lora_")[0] for n, _ in task.model.named_parameters() if ".lora_" in n}
+    assert lora and all(n.endswith("c_fc") for n in lora)

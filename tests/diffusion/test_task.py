@@ -236,3 +236,21 @@ def test_bench_quick(tmp_path):
     assert set(res["variants"]) == {"lora_adapter", "full_copy", "lora_adapter_cached"}
     for key in ("memory_a_over_b", "speed_a_over_b", "speed_c_over_a"):
         assert res["ratios"][key] > 0
+
+
+def test_trained_scheduler_travels_with_the_model(tmp_path):
+    """A base given by path keeps its own scheduler; the run's final/ carries the one it trained with (zero
+    terminal SNR and an x0 target here), and the sampler's load_components uses it."""
+    from mmalign.models.diffusion import build_tiny_components
+    from mmalign.sample.diffusion import load_components
+
+    comps = build_tiny_components("unet", pixel_space=True, seed=0)
+    comps.pipeline(comps.denoiser).save_pretrained(str(tmp_path / "px"))
+    cfg = tiny_config(tmp_path / "run", model={"name_or_path": str(tmp_path / "px")}, run={"max_steps": 1},
+                      diffusion={"resolution": 16, "pixel_space": True, "zero_terminal_snr": True,
+                                 "prediction_type": "sample"})
+    summary = train(cfg)
+    loaded = load_components(summary["final_model"])
+    assert float(loaded.scheduler.alphas_cumprod[-1]) < 1e-6
+    assert loaded.scheduler.config.prediction_type == "sample"
+    assert float(load_components(tmp_path / "px").scheduler.alphas_cumprod[-1]) > 1e-3  # the base is unchanged

@@ -233,3 +233,28 @@ def test_reward_functions_and_weight_options():
     # reward-to-go of a constant c on n tokens is c·(n − t) (research note §2.4, invariant 5)
     torch.testing.assert_close(token_weights(r, m, use_reward_to_go=True), torch.tensor([[1.5, 1.0, 0.5, 0.0]]))
     torch.testing.assert_close(token_weights(r, m, exp_weights=True), torch.tensor([[math.exp(0.5)] * 3 + [0.0]]))
+
+
+def test_reward_function_signatures_and_bad_outputs(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from mmalign.config import ConfigError
+    from mmalign.methods.rewards import load_reward_fn
+
+    mod = types.ModuleType("user_rewards")
+    mod.only_completions = lambda completions: [len(c) for c in completions]  # TRL form without prompts=
+    mod.with_kwargs = lambda completions, **kw: [len(kw["prompts"][i]) for i in range(len(completions))]
+    mod.varargs = lambda *args: len(args[0]) + len(args[1])  # (prompt, completion) through *args
+    mod.short = lambda completions, prompts: [1.0]
+    mod.not_a_function = 3
+    monkeypatch.setitem(sys.modules, "user_rewards", mod)
+    assert load_reward_fn("user_rewards:only_completions")(["p", "q"], ["ab", "c"]) == [2.0, 1.0]
+    assert load_reward_fn("user_rewards:with_kwargs")(["p", "qq"], ["ab", "c"]) == [1.0, 2.0]
+    assert load_reward_fn("user_rewards:varargs")(["p"], ["ab"]) == [3.0]
+    with pytest.raises(ValueError, match="one finite number per completion"):
+        load_reward_fn("user_rewards:short")(["p", "q"], ["a", "b"])
+    with pytest.raises(ConfigError, match="not a function"):
+        load_reward_fn("user_rewards:not_a_function")
+    chat = [[{"role": "user", "content": "add: 3 5 ="}]]
+    assert load_reward_fn("addition")(chat, [" 8"]) == [1.0]  # conversational prompts reach named rewards as text

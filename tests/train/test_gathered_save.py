@@ -80,3 +80,35 @@ def test_prior_task_writes_the_given_state_dict(tmp_path):
     loaded = _weights(load_lvlm(tmp_path / "out")[0])
     assert loaded.keys() == state.keys()
     assert all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+class _FakeAccelerator:
+    """What gathered_state_dict / _check_final_save read of accelerate's Accelerator under DeepSpeed."""
+
+    def __init__(self, gather_flag: bool, state):
+        from accelerate.utils import DistributedType
+
+        self.distributed_type = DistributedType.DEEPSPEED
+        self.deepspeed_config = {"zero_optimization": {"stage": 3,
+                                                       "stage3_gather_16bit_weights_on_model_save": gather_flag}}
+        self._state = state
+
+    def get_state_dict(self, model):
+        return self._state
+
+
+def test_zero3_other_ranks_get_an_empty_dict_and_the_main_rank_strips_the_wrapper_prefix():
+    # DeepSpeed consolidates on rank 0 only and returns None on the other ranks.
+    assert loop.gathered_state_dict(_FakeAccelerator(True, None), torch.nn.Linear(1, 1)) == {}
+    state = {"model.w": torch.ones(1), "model.sub.b": torch.zeros(1)}
+    got = loop.gathered_state_dict(_FakeAccelerator(True, state), torch.nn.Linear(1, 1))
+    assert set(got) == {"w", "sub.b"}
+
+
+def test_zero3_without_16bit_gathering_fails_before_training(tmp_path):
+    from mmalign.config import ConfigError
+
+    cfg = load_train_config(config(tmp_path, ["unused.jsonl"], run={"save_final": True}))
+    with pytest.raises(ConfigError, match="zero3_save_16bit_model: true"):
+        loop._check_final_save(_FakeAccelerator(False, None), cfg)
+    loop._check_final_save(_FakeAccelerator(True, None), cfg)  # the shipped zero3 config: fine
