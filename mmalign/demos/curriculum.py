@@ -19,7 +19,9 @@ Xu et al. 2023 (arXiv 2310.02263), on the warm-colours task of :mod:`mmalign.dem
    (``after``) and the mix arm (``mix``, the comparison the paper makes: ``curriculum_minus_mix``), the arms
    averaged over the seeds, with the per-seed values. The default budget
    (30 DPO steps) is chosen so that neither arm saturates (at 120 steps both reach ~0.99). The difference
-   between the arms is reported as measured, with no claim that it is significant.
+   between the arms is reported as measured, with no claim that it is significant. ``reanchor=True`` moves
+   both arms' reference to the policy at the stage switch (as TEMPLE's staged curriculum does); measured once
+   (3 seeds): curriculum 0.804 vs mix 0.818, so re-anchoring did not make the curriculum win either.
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ def _plot(out: Path, runs: dict[str, Path], stage_ends: list[int]) -> Path:
 
 def run(out_dir: str | Path = "outputs/demo/curriculum", *, seed: int = 0, weak_steps: int = 40,
         sft_steps: int = 300, strong_steps: int = 150, align_steps: int = 30, n_stages: int = 2, n_seeds: int = 3,
-        n_prompts: int = 512, n_eval: int = 256) -> dict:
+        n_prompts: int = 512, n_eval: int = 256, reanchor: bool = False) -> dict:
     t0 = time.time()
     out = Path(out_dir)
     data = out / "data"
@@ -127,6 +129,9 @@ def run(out_dir: str | Path = "outputs/demo/curriculum", *, seed: int = 0, weak_
     mix_file = shuffled_mix(pairs_file, data / "mix.jsonl", seed=seed)
     mix_stages = [{"name": f"mix_{i}", "train": [str(mix_file)], "max_steps": s["max_steps"]}
                   for i, s in enumerate(stages)]
+    for arm_stages in (stages, mix_stages):  # both arms alike: the reference moves to the policy at each switch
+        for i, st in enumerate(arm_stages):
+            st["reanchor_reference"] = reanchor and i > 0
     eval_prompts = W.eval_prompts(n_eval, seed=seed + 2)
     rewards = {name: _mean_reward(_samples(path, eval_prompts, seed)) for name, path in
                (("weak", weak), ("sft", sft), ("strong", strong))}
