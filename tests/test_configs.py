@@ -27,7 +27,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from mmalign.api import load_train_config, train
@@ -71,28 +70,6 @@ def _kind(data: dict) -> str:
     if "modality" in data or (data and set(data) <= RUN_KEYS):
         return "run"
     return "unknown"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on a shared 2-core machine: several BLAS threads per process make each step ~50x slower.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    # fit() creates an Accelerator per run, and accelerate keeps one process-wide state that refuses a different
-    # mixed_precision later (tiny configs: "no", real configs: "bf16"); start each test from a clean state.
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 # ------------------------------------------------------------------------------------------ every YAML

@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from mmalign.cli import app
@@ -18,14 +17,6 @@ from mmalign.data.synthetic import addition_rows, corpus
 
 PROMPTS = ["add: 1 2 =", "add: 7 5 ="]
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second intra-op thread only spin-waits on a busy CPU
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

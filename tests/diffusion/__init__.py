@@ -1,7 +1,6 @@
 """Diffusion recipe tests: tiny random components (latents 4×8×8), the synthetic assets in assets/diffusion.
 
-Shared helpers live here. ``single_thread`` pins torch to one thread for a test module: on the 2 shared CPU
-cores of CI a tiny UNet step is ~50× slower with 2 spinning OpenMP threads than with one.
+Shared helpers live here (one torch thread is pinned for every test by tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -10,19 +9,8 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import pytest
-import torch
-
 REPO = Path(__file__).resolve().parents[2]
 ASSETS = REPO / "assets" / "diffusion"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def merge(base: dict, extra: dict) -> dict:
@@ -47,3 +35,15 @@ def tiny_config(out_dir: Path, **sections: Any) -> dict:
                 "progress": False, "resume": "never"},
     }
     return merge(base, sections)
+
+
+def perturbed(model, seed: int, scale: float):
+    """A deep copy of ``model`` with seeded Gaussian noise of std ``scale`` added to every parameter."""
+    import torch
+
+    out = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return out

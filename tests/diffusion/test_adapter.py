@@ -17,8 +17,6 @@ from mmalign.adapters.diffusion import DiffusionAdapter, ImageBatch, NoiseSample
 from mmalign.models.diffusion import apply_lora, build_tiny_components
 from mmalign.train.reference import AdapterReference
 
-from . import single_thread  # noqa: F401  (autouse fixture)
-
 LN2 = math.log(2.0)
 
 

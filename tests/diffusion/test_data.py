@@ -14,7 +14,7 @@ from mmalign.adapters.diffusion import NoiseSampler
 from mmalign.data.image import ImageDataset, load_image_records, preprocess
 from mmalign.data.rows import DataError
 
-from . import ASSETS, single_thread  # noqa: F401  (autouse fixture)
+from . import ASSETS
 
 
 def _png(color=(200, 30, 30), size=(24, 16)) -> bytes:

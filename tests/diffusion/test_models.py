@@ -18,8 +18,6 @@ from mmalign.models.diffusion import (
     save_lora,
 )
 
-from . import single_thread  # noqa: F401  (autouse fixture)
-
 
 def test_tiny_tokenizer_is_a_real_clip_tokenizer():
     tok = build_tiny_clip_tokenizer(max_length=16)

@@ -8,6 +8,8 @@ from diffusers import UNet2DConditionModel
 
 from mmalign.methods import npo
 
+from . import perturbed
+
 
 def _unet(seed: int) -> UNet2DConditionModel:
     torch.manual_seed(seed)
@@ -16,17 +18,6 @@ def _unet(seed: int) -> UNet2DConditionModel:
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=8, norm_num_groups=2,
     )
-
-
-def _perturbed(model: UNet2DConditionModel, seed: int, scale: float = 0.01) -> UNet2DConditionModel:
-    import copy
-
-    out = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in out.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-    return out
 
 
 def _forward(model, seed: int = 0) -> torch.Tensor:
@@ -39,7 +30,7 @@ def _forward(model, seed: int = 0) -> torch.Tensor:
 def test_alpha_one_beta_zero_is_the_positive_model_bit_for_bit():
     """α = 1 starts from θ_pos itself and β = 0 adds nothing: no rounding from θ_base + (θ_pos − θ_base)."""
     base = _unet(0)
-    pos, npo_model = _perturbed(base, 1), _perturbed(base, 2)
+    pos, npo_model = perturbed(base, 1, scale=0.01), perturbed(base, 2, scale=0.01)
     delta = npo.weight_offset(npo_model, base)
     merged = npo.merge_weights(base, positive=pos, alpha=1.0, npo_offset=delta, beta=0.0)
     for k, v in pos.state_dict().items():
@@ -52,7 +43,7 @@ def test_alpha_one_beta_zero_is_the_positive_model_bit_for_bit():
 def test_merge_formula_and_endpoints():
     """θ_neg = θ_base + α·η + β·δ per tensor; α = 0, β = 1 gives θ_npo (up to one fp32 rounding)."""
     base = _unet(0)
-    pos, npo_model = _perturbed(base, 1), _perturbed(base, 2)
+    pos, npo_model = perturbed(base, 1, scale=0.01), perturbed(base, 2, scale=0.01)
     delta = npo.weight_offset(npo_model, base)
     a, b = 0.3, 0.7
     merged = npo.merge_weights(base, positive=pos, alpha=a, npo_offset=delta, beta=b)
@@ -69,7 +60,7 @@ def test_merge_formula_and_endpoints():
 
 def test_offset_save_load_roundtrip(tmp_path):
     base = _unet(0)
-    delta = npo.weight_offset(_perturbed(base, 3), base)
+    delta = npo.weight_offset(perturbed(base, 3, scale=0.01), base)
     npo.save_offset(delta, tmp_path / "off", metadata={"method": "self_npo"})
     loaded = npo.load_offset(tmp_path / "off")
     assert set(loaded) == set(delta) and all(torch.equal(loaded[k], delta[k]) for k in delta)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -11,16 +9,9 @@ from mmalign.methods import npo
 from mmalign.models.diffusion import build_tiny_components
 from mmalign.sample import diffusion as SD
 
+from . import perturbed
+
 PROMPTS = ["a red circle on a black background", "a blue square"]
-
-
-def _perturbed(model, seed: int, scale: float = 0.05):
-    out = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in out.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-    return out
 
 
 def _stock(pipe, prompts, seeds, **kwargs):
@@ -36,8 +27,8 @@ def test_npo_cfg_with_alpha_one_beta_zero_reproduces_the_stock_pipeline(kind, sa
     comps = build_tiny_components(kind, seed=0)
     pipe = SD.build_pipeline(comps, sampler=sampler)
     pos = getattr(pipe, SD.denoiser_name(pipe))
-    base = _perturbed(pos, 1)
-    delta = npo.weight_offset(_perturbed(base, 2), base)
+    base = perturbed(pos, 1, scale=0.05)
+    delta = npo.weight_offset(perturbed(base, 2, scale=0.05), base)
     neg = npo.negative_model(base, positive=pos, alpha=1.0, npo_offset=delta, beta=0.0)
     kwargs = dict(num_inference_steps=3, guidance_scale=5.0)
     expected = _stock(pipe, PROMPTS, [0, 1], **kwargs)
@@ -50,7 +41,7 @@ def test_npo_cfg_with_alpha_one_beta_zero_reproduces_the_stock_pipeline(kind, sa
 def test_npo_negative_changes_cfg_only_when_cfg_is_on():
     comps = build_tiny_components("unet", seed=0)
     pipe = SD.build_pipeline(comps, sampler="ddim")
-    neg = _perturbed(pipe.unet, 3, scale=0.2)
+    neg = perturbed(pipe.unet, 3, scale=0.2)
     plain = SD.generate(pipe, PROMPTS, [0, 1], num_inference_steps=3, guidance_scale=5.0)
     guided = SD.generate(pipe, PROMPTS, [0, 1], num_inference_steps=3, guidance_scale=5.0, negative=neg)
     assert (plain - guided).abs().max() > 1e-3
@@ -63,7 +54,7 @@ def test_guided_denoiser_routes_the_cfg_halves():
     """[uncond; cond] batch: θ_neg on the first half, θ_pos on the second; any other batch size: θ_pos only."""
     comps = build_tiny_components("sdxl", seed=0)
     pos = comps.denoiser
-    neg = _perturbed(pos, 4, scale=0.2)
+    neg = perturbed(pos, 4, scale=0.2)
     g = torch.Generator().manual_seed(0)
     x, emb = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 16, 32, generator=g)
     added = {"text_embeds": torch.randn(4, 16, generator=g), "time_ids": torch.rand(4, 6, generator=g) * 16}
@@ -101,7 +92,7 @@ def test_sample_settings_and_labelled_grid(tmp_path):
 
     comps = build_tiny_components("unet", seed=0)
     pipe = SD.build_pipeline(comps)
-    settings = [SD.Setting("cfg", 5.0), SD.Setting("npo", 5.0, negative=_perturbed(pipe.unet, 5))]
+    settings = [SD.Setting("cfg", 5.0), SD.Setting("npo", 5.0, negative=perturbed(pipe.unet, 5, scale=0.05))]
     out = SD.sample_settings(pipe, settings, PROMPTS, [0, 1, 2], num_inference_steps=2)
     assert set(out) == {"cfg", "npo"} and out["cfg"].shape == (2, 3, 3, 16, 16)
     torch.testing.assert_close(out["cfg"][0, 0], SD.generate(pipe, PROMPTS[:1], [0], num_inference_steps=2)[0])
@@ -152,7 +143,7 @@ def test_lora_and_full_run_directories_load_like_a_user_would(tmp_path):
         plain = comps.denoiser(x, torch.tensor([3, 700]), encoder_hidden_states=emb).sample
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert (got - plain).abs().max() > 1e-4  # the base itself is untouched
-    full = _perturbed(comps.denoiser, 7)
+    full = perturbed(comps.denoiser, 7, scale=0.05)
     full.save_pretrained(str(tmp_path / "full" / "unet"))
     (tmp_path / "full" / "mmalign_diffusion.json").write_text(json.dumps({"kind": "unet", "format": "full",
                                                                           "base": str(base_dir)}))

@@ -15,7 +15,7 @@ import torch
 from mmalign.api import build_task, load_train_config, train
 from mmalign.config import ConfigError
 
-from . import ASSETS, REPO, single_thread, tiny_config  # noqa: F401  (single_thread: autouse fixture)
+from . import ASSETS, REPO, tiny_config
 
 
 def _run(cfg: dict) -> tuple[dict, object, dict]:

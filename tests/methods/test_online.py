@@ -31,14 +31,6 @@ def constant_reward(prompt: str, completion: str) -> float:
     return 0.5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
     from mmalign.models.tokenizer import train_bpe_tokenizer

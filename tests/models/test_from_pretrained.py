@@ -37,27 +37,6 @@ CHATML = (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared small machine: threads only add contention
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    # fit() creates an Accelerator per run, and accelerate keeps one process-wide state that refuses a different
-    # mixed_precision later (tiny configs: "no", real configs: "bf16"); start each test from a clean state.
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 def _texts() -> list[str]:
     return corpus(row for _, _, row in load_rows([REPO / "assets" / "text" / "pairs.jsonl", CHAT_PAIRS]))
 

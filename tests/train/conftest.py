@@ -26,16 +26,6 @@ TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "
 NON_METRIC_KEYS = {"step", "time", "stage", "epoch", "event"}
 
 
-@pytest.fixture(scope="package", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy shared CPU the extra thread's spin-waits
-    tripled the CPU time of these tests."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     """One small file per format (8 rows each), plus a retain set and a second, different pairs file."""
