@@ -220,6 +220,11 @@ def load_causal_lm(
                 f"{local / 'adapter_config.json'}: field 'base_model_name_or_path' is empty; set it to the "
                 "base checkpoint directory the adapter was trained on"
             )
+        beside = adapter_dir / "base"
+        if not Path(base_path).expanduser().exists() and (beside / "config.json").is_file():
+            # An in-memory base saved beside the adapter: its recorded absolute path breaks when the run
+            # directory is moved or copied, the sibling ``base/`` does not.
+            base_path = str(beside)
         local = _as_local_dir(base_path)
         name_or_path = base_path
     if local is not None:
