@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmalign.adapters.base import TextBatch
+from ..data.batches import TextBatch
 
 
 @dataclass

@@ -41,9 +41,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-# The decoder side (unwrapping, validation, prefix-sharing pass) lives in candidate_states; imported back here
-# so that `from mmalign.adapters.causal_lm import unwrap_causal_lm` and the helpers below keep working.
-from mmalign.adapters.base import Scores, TextBatch
 from mmalign.adapters.candidate_states import (
     _candidate_states,
     _Parts,
@@ -51,6 +48,12 @@ from mmalign.adapters.candidate_states import (
     _validate_and_select,
     unwrap_causal_lm,
 )
+
+from ..data.batches import TextBatch
+
+# The decoder side (unwrapping, validation, prefix-sharing pass) lives in candidate_states; imported back here
+# so that `from mmalign.adapters.causal_lm import unwrap_causal_lm` and the helpers below keep working.
+from ..types import Scores
 
 
 def score_batch(

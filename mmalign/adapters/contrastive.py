@@ -20,41 +20,15 @@ The gathered ``[world·B, D]`` features are added as ``image_all``/``text_all`` 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import DeviceMovable, Scores
+from ..data.batches import ImageTextBatch
+from ..types import Scores
 
 MAX_LOGIT_SCALE = math.log(100.0)
-
-
-@dataclass
-class ImageTextBatch(DeviceMovable):
-    """B image–caption pairs (or B images, or B captions).
-
-    Attributes:
-        pixel_values: ``[B, 3, H, W]`` transformed images, or None for a text-only batch.
-        input_ids: ``[B, L]`` caption token ids, or None for an image-only batch.
-        attention_mask: ``[B, L]`` 1 on real tokens (transformers models use it; open_clip pools at EOT).
-        meta: per-example python values (source file, row, image path), not moved to device.
-        extras: ``[B]`` tensors: ``index`` (dataset index, added by the loop), ``image_index`` (the record
-            actually used, which differs from ``index`` when a bad image was replaced), ``caption_index``.
-    """
-
-    pixel_values: Tensor | None
-    input_ids: Tensor | None
-    attention_mask: Tensor | None = None
-    meta: list[dict] = field(default_factory=list)
-    extras: dict[str, Tensor] = field(default_factory=dict)
-
-    @property
-    def batch_size(self) -> int:
-        x = self.pixel_values if self.pixel_values is not None else self.input_ids
-        return 0 if x is None else x.shape[0]
-
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -22,141 +22,15 @@ index ``⌊u·N⌋`` into the training scheduler's shifted ``sigmas``/``timestep
 from __future__ import annotations
 
 import hashlib
-import math
-from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor, nn
 
-from .base import DeviceMovable, Scores
+from ..data.batches import ImageBatch
+from ..data.noise import NoiseSampler, example_seed
+from ..types import Scores
 
 __all__ = ["DiffusionAdapter", "ImageBatch", "NoiseSampler", "example_seed"]
-
-
-@dataclass
-class ImageBatch(DeviceMovable):
-    """A batch of B examples (one caption each) with K candidate images.
-
-    Attributes:
-        captions: B captions (after prompt dropout, if any).
-        pixel_values: ``[B, K, 3, H, W]`` in [-1, 1], or None when ``latent_params`` are cached.
-        latent_params: ``[B, K, 2C, h, w]`` VAE posterior parameters (mean ‖ logvar), or ``[B, K, 3, H, W]``
-            pixels for pixel-space models; filled by the adapter on first use, so the reference pass reuses
-            the policy pass's encoding.
-        prompt_embeds: ``[B, L, D]`` text conditioning (cached, or filled on first use).
-        pooled_prompt_embeds: ``[B, P]`` pooled text embedding (SDXL, SD3), else None.
-        candidate_mask: ``[B, K]`` bool, False for padding candidates of ragged ranked lists.
-        labels: ``[B, K]``: unpaired desirability (1/0), ranking position (0 = best), 0.5 for kept ties, or NaN.
-        meta: per-example python values (source file, row, caption), not moved to device.
-        extras: ``noise [B, C, h, w]``, ``timesteps [B]``, ``sigmas [B]`` (flow), ``vae_noise [B, C, h, w]``
-            (posterior sample, shared by the candidates), ``time_ids [B, K, 6]`` (SDXL), ``index [B]`` (added by
-            the loop).
-    """
-
-    captions: list[str]
-    pixel_values: Tensor | None = None
-    latent_params: Tensor | None = None
-    prompt_embeds: Tensor | None = None
-    pooled_prompt_embeds: Tensor | None = None
-    candidate_mask: Tensor | None = None
-    labels: Tensor | None = None
-    meta: list[dict] = field(default_factory=list)
-    extras: dict[str, Tensor] = field(default_factory=dict)
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.captions)
-
-    @property
-    def num_candidates(self) -> int:
-        src = self.latent_params if self.latent_params is not None else self.pixel_values
-        return int(src.shape[1])
-
-    @property
-    def device(self) -> torch.device:
-        return self.extras["noise"].device
-
-
-
-def example_seed(seed: int, index: int, epoch: int) -> int:
-    """A 63-bit generator seed for one example's draws (stable across processes and Python versions)."""
-    digest = hashlib.sha256(f"mmalign-diffusion:{seed}:{index}:{epoch}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-@dataclass
-class NoiseSampler:
-    """Draws, per example, the noise, timestep (or flow σ) and VAE posterior noise shared by its candidates.
-
-    Attributes:
-        latent_shape: ``(C, h, w)`` of one candidate's latents.
-        seed: the run seed.
-        flow: flow matching (SD3) instead of DDPM timesteps.
-        num_train_timesteps: N of the training scheduler.
-        min_timestep, max_timestep: DDPM timesteps are uniform on ``[min, max)`` (default ``[0, N)``).
-        flow_sigmas, flow_timesteps: the *training* scheduler's tables (descending, length N).
-        weighting_scheme: ``logit_normal`` | ``uniform`` | ``mode`` (diffusers' names) for flow σ.
-        logit_mean, logit_std, mode_scale: their parameters (SD3 defaults 0, 1, 1.29).
-        vae_sample: draw posterior noise so latents are a sample of the VAE posterior (else its mean).
-        fixed: leave the epoch out of the seed (noise fixed per example; needed by a precomputed reference).
-        proportion_empty_prompts: probability that an example's caption is replaced by "" (Salesforce 0.2).
-    """
-
-    latent_shape: tuple[int, int, int]
-    seed: int = 0
-    flow: bool = False
-    num_train_timesteps: int = 1000
-    min_timestep: int = 0
-    max_timestep: int | None = None
-    flow_sigmas: Tensor | None = None
-    flow_timesteps: Tensor | None = None
-    weighting_scheme: str = "logit_normal"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    mode_scale: float = 1.29
-    vae_sample: bool = False
-    fixed: bool = False
-    proportion_empty_prompts: float = 0.0
-
-    def draw(self, index: int, epoch: int, num_candidates: int) -> dict[str, Tensor | bool]:
-        """One example's draws: ``noise [C,h,w]``, ``timesteps []``, ``sigmas []`` (flow),
-        ``vae_noise [C,h,w]`` (if vae_sample), ``drop_caption`` (bool). ``num_candidates`` is unused (kept so
-        per-candidate draws can be added without changing callers)."""
-        g = torch.Generator().manual_seed(example_seed(self.seed, index, 0 if self.fixed else epoch))
-        out: dict[str, Tensor | bool] = {"noise": torch.randn(self.latent_shape, generator=g)}
-        if self.flow:
-            u = self._flow_u(g)
-            n = len(self.flow_sigmas)
-            i = min(int(u * n), n - 1)  # diffusers: (u * num_train_timesteps).long() into the scheduler's tables
-            out["timesteps"] = self.flow_timesteps[i].float()
-            out["sigmas"] = self.flow_sigmas[i].float()
-        else:
-            hi = self.max_timestep if self.max_timestep is not None else self.num_train_timesteps
-            out["timesteps"] = torch.randint(self.min_timestep, hi, (), generator=g)
-        if self.vae_sample:
-            # One posterior draw shared by the K candidates too (the reference scripts draw per image): identical
-            # images then get identical latents, so the shared-noise invariants hold exactly.
-            out["vae_noise"] = torch.randn(self.latent_shape, generator=g)
-        # drawn unconditionally so that turning prompt dropout on does not shift the other draws
-        out["drop_caption"] = bool(torch.rand((), generator=g) < self.proportion_empty_prompts)
-        return out
-
-    def _flow_u(self, g: torch.Generator) -> float:
-        # Same densities as diffusers.training_utils.compute_density_for_timestep_sampling, one draw at a time.
-        if self.weighting_scheme == "logit_normal":
-            return torch.sigmoid(torch.randn((), generator=g) * self.logit_std + self.logit_mean).item()
-        u = torch.rand((), generator=g).item()
-        if self.weighting_scheme == "mode":
-            return 1 - u - self.mode_scale * (math.cos(math.pi * u / 2) ** 2 - 1 + u)
-        return u
-
-    def key(self) -> str:
-        """Everything that changes the draws (for reference-score cache keys)."""
-        skip = {"flow_sigmas", "flow_timesteps"}
-        parts = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
-        if self.flow_sigmas is not None:
-            parts["flow_sigmas"] = hashlib.sha256(self.flow_sigmas.numpy().tobytes()).hexdigest()[:16]
-        return repr(sorted(parts.items()))
 
 
 def make_noise_sampler(components, resolution: int, **kwargs) -> NoiseSampler:

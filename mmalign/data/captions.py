@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..adapters.base import TextBatch
+from .batches import TextBatch
 from .rows import SKIP_HINT, DataError, RowProblem, SFTRow, load_rows, short_repr
 from .text import EncodedExample, TextEncoder, collate
 

@@ -41,8 +41,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..adapters.diffusion import ImageBatch, NoiseSampler, example_seed
+from .batches import ImageBatch
 from .image_sources import _open_sources, _RowsTable, _Table
+from .noise import NoiseSampler, example_seed
 from .rows import SKIP_HINT, DataError, RowProblem
 
 IMAGE_FORMATS = ("pickapic", "pairs", "unpaired", "ranked", "sft")

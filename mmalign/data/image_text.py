@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..adapters.contrastive import ImageTextBatch
+from .batches import ImageTextBatch
 from .rows import MAX_REPORTED, SKIP_HINT, DataError, RowProblem, load_rows
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")

@@ -31,8 +31,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..adapters.base import TextBatch
 from ..adapters.causal_lm import unwrap_causal_lm
+from .batches import TextBatch
 
 # Candidate kind codes stored in ``extras["candidate_kind"]`` ([B, K] long; -1 = padding candidate).
 KINDS = ("autoregressive", "batch", "mean_field", "truncation")

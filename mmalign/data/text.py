@@ -1,4 +1,4 @@
-"""Text rows -> token ids -> :class:`~mmalign.adapters.base.TextBatch`.
+"""Text rows -> token ids -> :class:`~mmalign.data.batches.TextBatch`.
 
 :class:`TextEncoder` tokenises one record (any format of :mod:`mmalign.data.rows`) into a prompt and K
 completions; :func:`collate` pads a list of them into a batch; :func:`build_text_dataset` runs the whole path
@@ -42,7 +42,6 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from mmalign.adapters.base import TextBatch
 from mmalign.data.rows import (
     NUMERIC_META,
     DataError,
@@ -53,6 +52,8 @@ from mmalign.data.rows import (
     load_rows,
     parse_rows,
 )
+
+from .batches import TextBatch
 
 TRUNCATION_MODES = ("keep_end_of_prompt", "keep_start")
 

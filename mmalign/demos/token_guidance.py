@@ -59,7 +59,7 @@ def _evaluate(policy_dir: Path, sft_dir: Path, prompts: list[str], seed: int, k:
     rm = TokenRewardModel.from_pretrained(policy_dir / "token_reward_model").eval()
     many = generate(sft, tok, [p for p in prompts for _ in range(k)], seed=seed + 1,
                     **{k_: v for k_, v in gen.items() if k_ != "seed"})
-    from ..adapters.base import TextBatch
+    from ..data.batches import TextBatch
 
     n, pw = len(prompts), max(len(p) for p in many.prompt_ids)
     cw = max(len(c) for c in many.completion_ids)

@@ -22,14 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters.base import Scores
-from ..adapters.contrastive import MAX_LOGIT_SCALE, ImageTextBatch, dist_info, gather_features, score_contrastive
+from ..adapters.contrastive import MAX_LOGIT_SCALE, dist_info, gather_features, score_contrastive
 from ..config import ConfigError
+from ..data.batches import ImageTextBatch
 from ..data.image_text import ImageTextCollator, ImageTextDataset, ImageTextOptions, load_image_text, load_texts
 from ..losses import update_weight_average
 from ..models.clip import ClipBundle, apply_clip_lora, has_lora, load_clip, merge_lora_state, save_clip
 from ..schema import StageConfig, TrainConfig
 from ..train.loop import StageData
+from ..types import Scores
 from .clip_losses import ClipMethod, clip_method_loss, get_clip_method, resolve_kwargs
 from .clip_teacher import CachedTeacher, CopyTeacher
 

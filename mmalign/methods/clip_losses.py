@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..adapters.base import Scores
 from ..config import ConfigError
 from ..losses import LossOutput, combine
 from ..losses.contrastive import clip_contrastive, hycd, modality_gap, rafa, siglip, zscl_distill
+from ..types import Scores
 
 
 @dataclass(frozen=True)

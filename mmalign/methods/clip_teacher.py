@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..adapters.contrastive import ImageTextBatch, encode_images, encode_texts, logit_scale_and_bias
+from ..adapters.contrastive import encode_images, encode_texts, logit_scale_and_bias
+from ..data.batches import ImageTextBatch
 from ..train.reference import tensor_hash
 
 log = logging.getLogger(__name__)

@@ -29,12 +29,13 @@ import torch
 from torch import nn
 
 from .. import losses as L
-from ..adapters.base import Scores
-from ..adapters.diffusion import DiffusionAdapter, ImageBatch, make_noise_sampler
+from ..adapters.diffusion import DiffusionAdapter, make_noise_sampler
 from ..config import ConfigError
+from ..data.batches import ImageBatch
 from ..losses import LossOutput
 from ..schema import StageConfig, TrainConfig
 from ..train.loop import StageData
+from ..types import Scores
 from .text_losses import ranking_order
 
 log = logging.getLogger(__name__)

@@ -46,13 +46,14 @@ import torch
 from torch import Tensor, nn
 
 from .. import losses as L
-from ..adapters.base import Scores, TextBatch
 from ..adapters.causal_lm import score_batch
 from ..config import ConfigError, from_dict
+from ..data.batches import TextBatch
 from ..data.rows import DataError, RowProblem, load_rows
 from ..data.text import EncodedExample, PreferenceDataset
 from ..schema import StageConfig, TrainConfig
 from ..train.loop import StageData
+from ..types import Scores
 from .rewards import ModelReward, load_reward_fn
 from .text import TextTask, build_model, build_tokenizer
 from .text_losses import TextMethod, check_loss_kwargs

@@ -46,9 +46,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import losses as L
-from ..adapters.base import Scores, TextBatch
 from ..adapters.causal_lm import score_batch
 from ..config import ConfigError
+from ..data.batches import TextBatch
 from ..data.captions import CaptionDataset, caption_and_prompt, read_caption_rows
 from ..models.lvlm import (
     PatchLVLM,
@@ -62,6 +62,7 @@ from ..models.lvlm import (
 from ..schema import PriorConfig, StageConfig, TrainConfig
 from ..train.loop import StageData
 from ..train.reference import model_hash
+from ..types import Scores
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..adapters.base import TextBatch
 from ..adapters.causal_lm import score_batch, unwrap_causal_lm
 from ..config import ConfigError
+from ..data.batches import TextBatch
 from ..data.text import EncodedExample
 
 BatchedReward = Callable[[list, list[str]], list[float]]

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..adapters.base import Scores
+from ..types import Scores
 
 # NoiseLevels is unused here but re-exported: the TDFT math lived in this module first and is still imported from it.
 from .tdft import NoiseLevels as NoiseLevels
@@ -275,7 +275,7 @@ class SelfNPOTask:
             raise ConfigError([f"stage {stage.name!r}: per-stage loss overrides are not supported by self_npo"])
 
     def collate(self, items) -> SelfNPOBatch:
-        from ..adapters.diffusion import example_seed
+        from ..data.noise import example_seed
 
         images = None
         if self.opts.start == "data":

@@ -37,12 +37,13 @@ import torch
 from torch import nn
 
 from .. import losses as L
-from ..adapters.base import Scores, TextBatch
 from ..adapters.causal_lm import score_batch
 from ..config import ConfigError, from_dict
 from ..data import negatives as N
+from ..data.batches import TextBatch
 from ..schema import StageConfig, TrainConfig
 from ..train.loop import StageData
+from ..types import Scores
 from .text import TextTask, _content_key, _stage_loss, build_model, build_tokenizer
 from .text_losses import TextMethod, check_loss_kwargs, ranking_order
 

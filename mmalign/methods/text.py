@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..adapters.base import Scores, TextBatch
 from ..adapters.causal_lm import score_batch, token_kl_from_states, unwrap_causal_lm
 from ..config import ConfigError, from_dict
+from ..data.batches import TextBatch
 from ..models import sub_state_dict
 from ..schema import StageConfig, TrainConfig
 from ..train.loop import StageData
+from ..types import Scores
 from .text_losses import (
     UNLEARNING,
     SparseMaskHeads,

@@ -1,6 +1,6 @@
 """Text recipes: which data format, reference and loss each method uses, as one explicit table.
 
-Each entry maps the adapter's :class:`~mmalign.adapters.base.Scores` (candidates ``[B, K]``: pairs are
+Each entry maps the adapter's :class:`~mmalign.types.Scores` (candidates ``[B, K]``: pairs are
 ``[chosen, rejected]``) to a call of a pure loss in :mod:`mmalign.losses`. Adding a text method = adding a
 row here; the loop and the adapter do not change.
 """
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from .. import losses as L
-from ..adapters.base import Scores
 from ..config import ConfigError
 from ..losses import LossOutput
+from ..types import Scores
 
 
 @dataclass(frozen=True)

@@ -55,9 +55,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ..adapters.base import Scores, TextBatch
 from ..adapters.causal_lm import score_batch, unwrap_causal_lm
 from ..config import ConfigError, from_dict
+from ..data.batches import TextBatch
 from ..losses import (
     LossOutput,
     aggregate_token_values,
@@ -69,6 +69,7 @@ from ..losses import (
 )
 from ..schema import StageConfig, TrainConfig
 from ..train.loop import StageData
+from ..types import Scores
 from .rewards import TokenRewardModel, flat_sequences, load_reward_fn
 
 log = logging.getLogger(__name__)

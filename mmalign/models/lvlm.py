@@ -28,8 +28,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..adapters.base import Scores, TextBatch
 from ..adapters.causal_lm import unwrap_causal_lm
+from ..data.batches import TextBatch
+from ..types import Scores
 from .text import _DTYPE_KWARG, DTYPES, build_tiny_causal_lm, load_causal_lm, tiny_llama_config
 
 IMAGE_TOKEN = "<image>"

@@ -86,7 +86,7 @@ def generate(
 
 def samples_to_batch(samples: Samples, pad_id: int, *, extra_completions: Sequence[list[int]] | None = None):
     """Pack generated samples as a K=1 (or K=2 with ``extra_completions``) TextBatch for scoring."""
-    from ..adapters.base import TextBatch
+    from ..data.batches import TextBatch
 
     n = len(samples.prompt_ids)
     comps = [[c] for c in samples.completion_ids]

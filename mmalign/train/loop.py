@@ -30,10 +30,10 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ..adapters.base import Scores
 from ..config import ConfigError
 from ..losses import LossOutput
 from ..schema import StageConfig, TrainConfig
+from ..types import Scores
 from . import checkpoint as ckpt
 from .data_order import BatchOrder
 from .metrics_log import MetricsLogger

@@ -1,6 +1,6 @@
 """Reference-model strategies, all behind one small interface.
 
-``scores(batch)`` returns the reference :class:`~mmalign.adapters.base.Scores` for a batch (no gradient);
+``scores(batch)`` returns the reference :class:`~mmalign.types.Scores` for a batch (no gradient);
 ``after_step(step, policy)`` lets moving references update; ``reanchor(policy)`` makes the current policy
 the new reference at a stage boundary. Strategies:
 
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..adapters.base import Scores
+from ..types import Scores
 
 log = logging.getLogger(__name__)
 

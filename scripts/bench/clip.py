@@ -127,7 +127,7 @@ def run_mmalign(spec: dict, marks: list, losses: list, out_dir: str) -> None:
             return i
 
     def collate(idx):
-        from mmalign.adapters.contrastive import ImageTextBatch
+        from mmalign.data.batches import ImageTextBatch
 
         return ImageTextBatch(pixels[idx], ids[idx], mask[idx])
 

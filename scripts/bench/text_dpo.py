@@ -187,8 +187,8 @@ def run_mmalign(spec: dict) -> dict:
     import torch
 
     import mmalign.api as mm
-    from mmalign.adapters.base import Scores
     from mmalign.schema import StageConfig
+    from mmalign.types import Scores
 
     import_rss = _rss_gb()
     shape = spec["shape"]

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from mmalign.adapters import causal_lm
-from mmalign.adapters.base import TextBatch
 from mmalign.adapters.causal_lm import score_batch, score_batch_naive, token_kl_chunked
+from mmalign.data.batches import TextBatch
 from mmalign.models.text import ValueHeadModel, apply_lora, build_tiny_causal_lm
 
 VOCAB = 300

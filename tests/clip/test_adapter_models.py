@@ -7,17 +7,17 @@ import pytest
 import torch
 from open_clip.loss import ClipLoss, SigLipLoss
 
-from mmalign.adapters.base import Scores
 from mmalign.adapters.contrastive import (
-    ImageTextBatch,
     encode_images,
     gather_features,
     score_contrastive,
 )
 from mmalign.config import ConfigError
+from mmalign.data.batches import ImageTextBatch
 from mmalign.losses import clip_contrastive, siglip
 from mmalign.methods.clip_losses import local_clip_loss, siglip_term
 from mmalign.models.clip import load_clip, save_clip
+from mmalign.types import Scores
 
 
 def _batch(bundle, n=8, seed=0) -> ImageTextBatch:

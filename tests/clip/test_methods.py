@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmalign.adapters.base import Scores
 from mmalign.adapters.contrastive import score_contrastive
 from mmalign.api import load_train_config
 from mmalign.config import ConfigError
 from mmalign.losses import clip_contrastive, hycd, rafa
 from mmalign.methods.clip_losses import CLIP_METHODS, clip_method_loss, get_clip_method, resolve_kwargs
+from mmalign.types import Scores
 
 from .conftest import ASSETS
 

@@ -28,8 +28,8 @@ def test_text_checkpoint_from_main_trains_on(tmp_path):
     """A run that starts from the old ``final/`` (as ``model.name_or_path``) trains and saves through today's code."""
     from mmalign.api import train
 
-    summary = train("configs/text/tiny_dpo.yaml", ["run.max_steps=1", f"run.output_dir={tmp_path}",
-                                                    f"model.name_or_path={FIXTURES / 'text_full'}", "run.progress=false",
-                                                    "run.report_to=[jsonl]"])
+    overrides = ["run.max_steps=1", f"run.output_dir={tmp_path}", f"model.name_or_path={FIXTURES / 'text_full'}",
+                 "run.progress=false", "run.report_to=[jsonl]"]
+    summary = train("configs/text/tiny_dpo.yaml", overrides)
     assert summary["global_step"] == 1
     assert (tmp_path / "final" / "model.safetensors").is_file()

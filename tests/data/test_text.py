@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from mmalign.adapters.base import TextBatch
+from mmalign.data.batches import TextBatch
 from mmalign.data.rows import DataError, PairRow, RankedRow, SFTRow, UnpairedRow, parse_rows
 from mmalign.data.synthetic import addition_rows, corpus, write_jsonl
 from mmalign.data.text import (

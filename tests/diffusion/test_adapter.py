@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from mmalign import losses as L
-from mmalign.adapters.diffusion import DiffusionAdapter, ImageBatch, NoiseSampler, make_noise_sampler
+from mmalign.adapters.diffusion import DiffusionAdapter, make_noise_sampler
+from mmalign.data.batches import ImageBatch
+from mmalign.data.noise import NoiseSampler
 from mmalign.models.diffusion import apply_lora, build_tiny_components
 from mmalign.train.reference import AdapterReference
 
@@ -195,8 +197,8 @@ def test_loss_parity_with_diffusers_formula(convention):
     hinge = L.diffusion_dpo(mw, ml, rw, rl, beta=beta, beta_convention=convention, loss_type="hinge")
     b_diffusers = L.convert_beta(beta, convention, "diffusers")
     torch.testing.assert_close(hinge.loss, F.relu(1 - b_diffusers * (ref_diff - model_diff)).mean())
-    from mmalign.adapters.base import Scores
     from mmalign.methods.diffusion import _dpo as task_dpo
+    from mmalign.types import Scores
 
     p = Scores(logps=-torch.stack([mw, ml], 1))
     r = Scores(logps=-torch.stack([rw, rl], 1))
@@ -207,9 +209,9 @@ def test_loss_parity_with_diffusers_formula(convention):
 
 
 def test_plackett_luce_k2_equals_dpo():
-    from mmalign.adapters.base import Scores
     from mmalign.methods.diffusion import _dpo as task_dpo
     from mmalign.methods.diffusion import _plackett_luce
+    from mmalign.types import Scores
 
     g = torch.Generator().manual_seed(1)
     m, r = torch.rand(5, 2, generator=g) * 0.1, torch.rand(5, 2, generator=g) * 0.1

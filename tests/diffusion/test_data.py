@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mmalign.adapters.diffusion import NoiseSampler
 from mmalign.data.image import ImageDataset, load_image_records, preprocess
+from mmalign.data.noise import NoiseSampler
 from mmalign.data.rows import DataError
 
 from . import ASSETS

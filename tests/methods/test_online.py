@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmalign.adapters.base import Scores
 from mmalign.api import build_task, load_train_config, train
 from mmalign.config import ConfigError
 from mmalign.data.rows import DataError
 from mmalign.data.synthetic import addition_rows, corpus, write_jsonl
 from mmalign.methods.online import OnlineDPOTask, online_loss
 from mmalign.schema import StageConfig
+from mmalign.types import Scores
 
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64,
         "initializer_range": 0.1}

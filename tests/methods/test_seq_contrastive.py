@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from mmalign import losses as L
-from mmalign.adapters.base import Scores
 from mmalign.api import build_task, load_train_config, train
 from mmalign.config import ConfigError
 from mmalign.data import negatives as N
 from mmalign.data.synthetic import addition_rows, corpus, write_jsonl
+from mmalign.types import Scores
 
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64,
         "initializer_range": 0.1}
@@ -86,7 +86,7 @@ def test_mean_field_replaces_round_c_times_length_positions():
 
 
 def _one_row_batch(ids):
-    from mmalign.adapters.base import TextBatch
+    from mmalign.data.batches import TextBatch
 
     return TextBatch(torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long),
                      torch.tensor([[ids]]), torch.ones(1, 1, len(ids), dtype=torch.long))

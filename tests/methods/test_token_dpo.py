@@ -11,15 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmalign.adapters.base import Scores, TextBatch
 from mmalign.adapters.causal_lm import score_batch, token_kl_from_states
 from mmalign.api import build_task, load_train_config, train
 from mmalign.config import ConfigError
+from mmalign.data.batches import TextBatch
 from mmalign.data.synthetic import addition_rows, corpus, write_jsonl
 from mmalign.methods.text import MASK_HEADS
 from mmalign.methods.text_losses import TEXT_METHODS, SparseMaskHeads
 from mmalign.models.text import apply_lora, build_tiny_causal_lm, load_causal_lm
 from mmalign.train.metrics_log import read_metrics
+from mmalign.types import Scores
 
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64,
         "initializer_range": 0.1}

@@ -9,14 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmalign.adapters.base import Scores, TextBatch
 from mmalign.api import build_task, load_train_config, train
 from mmalign.config import ConfigError
+from mmalign.data.batches import TextBatch
 from mmalign.data.synthetic import addition_rows, corpus, write_jsonl
 from mmalign.losses import aggregate_token_values, listmle
 from mmalign.methods.rewards import TokenRewardModel
 from mmalign.methods.token_guidance import GUIDANCE, LM, TokenGuidanceTask
 from mmalign.models.text import build_tiny_causal_lm, load_causal_lm
+from mmalign.types import Scores
 
 TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64,
         "initializer_range": 0.1}

@@ -76,7 +76,9 @@ def test_save_and_load_roundtrip_same_logits(tmp_path):
     _char_tokenizer().save_pretrained(tmp_path)
     loaded = load_causal_lm(tmp_path)
     ids, mask = _ids()
-    torch.testing.assert_close(_logits(loaded, ids, mask), _logits(model, ids, mask), atol=1e-6, rtol=0)
+    # The tiny model is built with eager attention and from_pretrained picks sdpa: same weights, other kernel,
+    # so logits agree to float32 rounding (1.01e-6 seen under the pinned lock), not bit for bit.
+    torch.testing.assert_close(_logits(loaded, ids, mask), _logits(model, ids, mask), atol=1e-5, rtol=0)
     tokenizer = load_tokenizer(tmp_path)
     assert tokenizer.padding_side == "left" and tokenizer.pad_token == "</s>"  # EOS stands in for a pad token
     batch = tokenizer(["ab", "abcd"], padding=True, return_tensors="pt")

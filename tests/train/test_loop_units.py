@@ -157,7 +157,7 @@ def test_fit_refuses_an_accelerator_with_other_accumulation():
 
 
 def test_precomputed_reference_state_names_its_table(tmp_path):
-    from mmalign.adapters.base import Scores
+    from mmalign.types import Scores
 
     path = tmp_path / "ref_scores-x.pt"
     torch.save({"logps": torch.arange(6.0).view(3, 2)}, path)

@@ -1,10 +1,9 @@
-"""The contract between data, adapters and losses: :class:`TextBatch` in, :class:`Scores` out.
+"""The types every layer shares, at the bottom (torch only): :class:`Scores` and the candidate-batch base.
 
-An adapter turns ``(model, batch)`` into :class:`Scores`; the losses only ever see Scores. Every batch
-holds K candidates per example (K=2 for pairs: index 0 = chosen, 1 = rejected; K=1 for unpaired/SFT
-rows; K>2 for ranked lists, with ``candidate_mask`` for ragged lists). Diffusion and contrastive adapters
-produce the same Scores (``logps`` = negated denoising error, or ``embeddings``), so every loss applies to
-every modality.
+An adapter turns ``(model, batch)`` into :class:`Scores`; the losses only ever see Scores. Every batch holds K
+candidates per example (K=2 for pairs: index 0 = chosen, 1 = rejected; K=1 for unpaired/SFT rows; K>2 for
+ranked lists, with ``candidate_mask`` for ragged lists). Concrete batches (text, image, image-text, and next video
+and audio) live with the data code (:mod:`mmalign.data.batches`) and extend :class:`CandidateBatch`.
 """
 
 from __future__ import annotations
@@ -30,42 +29,28 @@ class DeviceMovable:
         return type(self)(**moved)
 
 
-@dataclass
-class TextBatch(DeviceMovable):
-    """A tokenised batch of B examples with K completions each.
+class CandidateBatch(DeviceMovable):
+    """Base of every training batch: B examples with K candidates each.
 
-    Prompts are left-padded (so every prompt ends at the same position and its KV cache can be shared by all
-    K completions); completions are right-padded.
-
-    Attributes:
-        prompt_ids: ``[B, P]`` left-padded prompt token ids.
-        prompt_mask: ``[B, P]`` 1 on real prompt tokens.
-        completion_ids: ``[B, K, C]`` right-padded completion token ids (EOS included where the row had one).
-        completion_mask: ``[B, K, C]`` 1 on completion tokens that are scored.
-        candidate_mask: ``[B, K]`` bool, False for padding candidates of ragged lists.
-        labels: ``[B, K]`` float: unpaired desirability (1/0), or ranking position (0 = best), or NaN.
-        meta: per-example python values (row index, source file, difficulty, ...), not moved to device.
-        extras: other ``[B, ...]`` tensors (precomputed reference scores ``ref_logps`` [B, K], margins,
-            sample weights), moved to device with the batch.
+    Subclasses are dataclasses that carry their media/token tensors plus the common fields ``candidate_mask``
+    (``[B, K]`` bool or None), ``labels`` (``[B, K]`` float: unpaired desirability 1/0, ranking position with
+    0 = best, or NaN), ``meta`` (per-example python values, not moved) and ``extras`` (named ``[B, ...]``
+    tensors moved with the batch: precomputed reference scores, margins, weights, the loop's ``index``). The
+    fields stay on the subclasses (not here) so that each keeps its positional constructor.
     """
 
-    prompt_ids: Tensor
-    prompt_mask: Tensor
-    completion_ids: Tensor
-    completion_mask: Tensor
-    candidate_mask: Tensor | None = None
-    labels: Tensor | None = None
-    meta: list[dict] = field(default_factory=list)
-    extras: dict[str, Tensor] = field(default_factory=dict)
+    candidate_mask: Tensor | None
+    labels: Tensor | None
+    meta: list[dict]
+    extras: dict[str, Tensor]
 
     @property
     def batch_size(self) -> int:
-        return self.prompt_ids.shape[0]
+        raise NotImplementedError
 
     @property
     def num_candidates(self) -> int:
-        return self.completion_ids.shape[1]
-
+        raise NotImplementedError
 
 
 @dataclass
