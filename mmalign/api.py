@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .config import dump_yaml, load_config
+from .registry import MODALITIES, resolve, task_target
 from .schema import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -24,39 +24,14 @@ def load_train_config(config: str | Path | Mapping | TrainConfig | None = None, 
     return load_config(TrainConfig, config, overrides=list(overrides), extra=dict(extra or {}))
 
 
-# modality -> "module:Task class" of its recipe family; imported lazily so that a text run never imports
-# diffusers or open_clip.
-TASKS = {
-    "text": "mmalign.methods.text:TextTask",
-    "diffusion": "mmalign.methods.diffusion:DiffusionTask",
-    "clip": "mmalign.methods.clip:ClipTask",
-    "prior": "mmalign.methods.prior:PriorTask",
-}
-
-
-# Text recipes whose per-step work differs from plain preference training (loss.name -> "module:Task class");
-# every other text loss.name is a TEXT_METHODS entry run by TextTask.
-TEXT_RECIPES = {
-    "seq_contrastive": "mmalign.methods.seq_contrastive:SeqContrastiveTask",
-    "online_dpo": "mmalign.methods.online:OnlineDPOTask",
-    "xpo": "mmalign.methods.online:OnlineDPOTask",
-    "token_guidance": "mmalign.methods.token_guidance:TokenGuidanceTask",
-}
-
-
 def build_task(cfg: TrainConfig):
-    """The recipe for the configured modality (from the explicit :data:`TASKS` table)."""
-    if cfg.modality not in TASKS:
-        raise ValueError(f"modality={cfg.modality!r} is not one of {sorted(TASKS)}")
-    target = TASKS[cfg.modality]
-    if cfg.modality == "text":
-        names = {cfg.loss.name} | {(s.loss or {}).get("name") for s in cfg.stages} - {None}
-        recipes = {TEXT_RECIPES[n] for n in names if n in TEXT_RECIPES}
-        if len(recipes) > 1:
-            raise ValueError(f"one run cannot mix the text recipes {sorted(recipes)} (losses {sorted(names)})")
-        target = recipes.pop() if recipes else target
-    module, _, cls = target.partition(":")
-    return getattr(importlib.import_module(module), cls)(cfg)
+    """The task for the configured run, from :data:`mmalign.registry.MODALITIES`: the recipe that the run's loss
+    names select (e.g. ``online_dpo``, ``self_npo``), else the family's task. Imported only now, so that a text
+    run never imports diffusers or open_clip. Tasks that train auxiliary runs (PRIOR's text-only reference) get
+    :func:`train` as ``train_fn``: methods never import the API."""
+    names = {cfg.loss.name} | {(s.loss or {}).get("name") for s in cfg.stages} - {None}
+    cls = resolve(task_target(cfg.modality, names))
+    return cls(cfg, train_fn=train) if MODALITIES[cfg.modality].needs_train_fn else cls(cfg)
 
 
 def train(config: str | Path | Mapping | TrainConfig | None = None, overrides: Sequence[str] = (), *,
@@ -71,4 +46,7 @@ def train(config: str | Path | Mapping | TrainConfig | None = None, overrides: S
     dump_yaml(cfg, out / "config.yaml", header="resolved config of this run (mmalign train reads it back)")
     from .train.loop import fit
 
-    return fit(task or build_task(cfg), cfg)
+    task = task or build_task(cfg)
+    # A task built without train_fn (e.g. PriorTask(cfg) by hand) trains its auxiliary runs now (no-op otherwise).
+    task.run_prerequisites(train)
+    return fit(task, cfg)

@@ -10,8 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .schema_clip import ClipConfig, PriorConfig
-from .schema_diffusion import DiffusionConfig
+from .registry import MODALITIES, is_data_free, resolve
+
+# The values of ``modality:``, one per row of the registry (Literal of a tuple = Literal of its items).
+ModalityName = Literal[tuple(MODALITIES)]
 
 
 def _h(text: str, default: Any = None, factory: Any = None):
@@ -176,12 +178,33 @@ class RunConfig:
         return errs
 
 
-@dataclass
-class TrainConfig:
-    """A whole run: model, data, loss, reference, optimiser, loop settings and optional stages."""
+def _modality_help() -> str:
+    rows = "; ".join(f"{row.name}: {row.summary}" for row in MODALITIES.values())
+    return f"which model family builds the task (a row of mmalign.registry.MODALITIES) — {rows}"
 
-    modality: Literal["text", "diffusion", "clip", "prior"] = _h(
-        "which recipe family builds the task (mmalign.api.TASKS)", "text")
+
+def _with_modality_sections(cls: type) -> type:
+    """Add one always-present section per registry row that declares one (``diffusion:``, ``clip:``, ...), in
+    table order before ``options``, so that a new family's section needs no edit here."""
+    notes = dict(cls.__annotations__)
+    options = notes.pop("options")
+    for row in MODALITIES.values():
+        if row.section:
+            schema = resolve(row.section_schema)
+            notes[row.section] = schema
+            setattr(cls, row.section, field(default_factory=schema))
+    notes["options"] = options
+    cls.__annotations__ = notes
+    return cls
+
+
+@dataclass
+@_with_modality_sections
+class TrainConfig:
+    """A whole run: model, data, loss, reference, optimiser, loop settings and optional stages; plus one section
+    per model family that has one (:data:`mmalign.registry.MODALITIES`: ``diffusion``, ``clip``, ``prior``)."""
+
+    modality: ModalityName = _h(_modality_help(), "text")
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -191,16 +214,14 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     stages: list[StageConfig] = _h("a list of stages (curricula, pre-SFT alignment); empty: one stage", factory=list)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    clip: ClipConfig = field(default_factory=ClipConfig)
-    prior: PriorConfig = field(default_factory=PriorConfig)
+    # (the families' sections go here: see _with_modality_sections)
     options: dict[str, Any] = _h("recipe-specific options (negatives, online generation, guidance, ...): each "
                                  "recipe checks them against its own typed schema and reports every error",
                                  factory=dict)
 
     def validate(self) -> list[str]:
         errs = []
-        data_free = self.modality == "diffusion" and self.loss.name == "self_npo"  # Self-NPO needs no data
+        data_free = is_data_free(self.modality, self.loss.name)  # e.g. Self-NPO samples its own inputs
         if not data_free and not self.data.train and not any(s.train for s in self.stages):
             errs.append("data.train is empty: give at least one training file (data.train=[path.jsonl])")
         if self.reference.strategy == "adapter" and not self.lora.enabled:
@@ -209,3 +230,11 @@ class TrainConfig:
         if len(names) != len(set(names)):
             errs.append(f"stage names must be unique; got {names}")
         return errs
+
+
+def __getattr__(name: str):
+    """The families' section classes (``from mmalign.schema import PriorConfig``), named by the registry."""
+    for row in MODALITIES.values():
+        if row.section_schema and row.section_schema.rpartition(":")[2] == name:
+            return resolve(row.section_schema)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,6 +9,7 @@ and audio) live with the data code (:mod:`mmalign.data.batches`) and extend :cla
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -58,8 +59,9 @@ class Scores:
     """What an adapter returns and the losses consume.
 
     Attributes:
-        logps: ``[B, K]`` sequence scores: summed completion log-probs (autoregressive models) or negated
-            per-sample denoising error (diffusion/flow; noise and timestep shared by the K candidates).
+        logps: ``[B, K]`` sequence scores: summed completion log-probs (autoregressive models) or ``−c·err``,
+            the per-sample denoising error scaled once by the family's β convention (diffusion/flow; c = ½
+            original, 1 diffusers; noise and timestep shared by the K candidates).
         token_logps: ``[B, K, C]`` per-token log-probs of the completion tokens (0 where masked).
         token_mask: ``[B, K, C]`` bool mask of scored tokens.
         lengths: ``[B, K]`` number of scored tokens.
@@ -86,3 +88,16 @@ class Scores:
             embeddings={k: v.detach() for k, v in self.embeddings.items()},
             extras={k: v.detach() for k, v in self.extras.items()},
         )
+
+
+@dataclass
+class StageData:
+    """What a task hands the loop for one stage (built by a model family from its data code)."""
+
+    train: Any  # a sequence of examples (torch Dataset)
+    collate: Any  # list[example] -> batch with .to(device) and .extras
+    eval: Any = None
+    aux: Any = None  # e.g. the retain set of an unlearning run
+    stats: dict = field(default_factory=dict)  # flat numeric data stats (rows read/used/skipped, ...), logged
+    key: str = ""  # content hash of ``train``, for reference-score caching ("" : hashed from the batches)
+    eval_key: str = ""  # the same for ``eval``

@@ -136,11 +136,11 @@ def test_header_launch_commands_are_valid_invocations(path: Path):
         if not target.is_file() or _kind(yaml.safe_load(target.read_text()) or {}) != "run":
             continue  # a placeholder such as CONFIG, or another modality's command file
         cfg = load_train_config(target, overrides)  # raises ConfigError naming the bad key or value
-        from mmalign.api import TEXT_RECIPES
+        from mmalign.registry import MODALITIES
 
-        # Loss options are checked when the task is built; check them here already (recipes in TEXT_RECIPES
-        # check their own options when built, which the tiny-config training test does).
-        if cfg.modality == "text" and cfg.loss.name not in TEXT_RECIPES:
+        # Loss options are checked when the task is built; check them here already (the text recipes of the
+        # registry check their own options when built, which the tiny-config training test does).
+        if cfg.modality == "text" and cfg.loss.name not in MODALITIES["text"].recipes:
             from mmalign.methods.text_losses import check_loss_kwargs, get_text_method
 
             problems = check_loss_kwargs(get_text_method(cfg.loss.name), cfg.loss.kwargs)

@@ -18,12 +18,13 @@ ROOT = Path(__file__).resolve().parents[1] / "mmalign"
 # first dotted component under mmalign -> layer (higher may import lower or equal)
 LAYERS = {
     "losses": 0,
-    "types": 1, "config": 1, "schema": 1, "schema_clip": 1, "schema_diffusion": 1, "registry": 1,
+    "types": 1, "hashing": 1, "config": 1, "config_convert": 1, "schema": 1, "schema_clip": 1,
+    "schema_diffusion": 1, "registry": 1,
     "data": 2,
     "models": 3, "adapters": 3, "sample": 3, "eval": 3,
     "methods": 4,
     "train": 5,
-    "api": 6, "cli": 6, "cli_clip": 6, "cli_diffusion": 6, "cli_pairs": 6, "demos": 6, "__main__": 6,
+    "api": 6, "cli": 6, "demos": 6, "__main__": 6,
     "__init__": 6,
 }
 MAX_LINES = 500

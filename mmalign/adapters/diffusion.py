@@ -249,7 +249,7 @@ def build_latent_cache(dataset, components, cache_dir, *, batch_size: int = 8, d
     :class:`DiskLatents` store so the dataset yields cached posterior parameters instead of pixels."""
     from pathlib import Path
 
-    from ..train.reference import model_hash
+    from ..hashing import model_hash
 
     if dataset.random_flip:
         raise ValueError("cached latents cannot follow a random flip; set diffusion.random_flip=false or turn "
@@ -278,7 +278,7 @@ def build_text_cache(datasets, components, cache_dir, *, batch_size: int = 32, d
     """Encode every caption of ``datasets`` (and "" for prompt dropout) once; attach :class:`DiskText`."""
     from pathlib import Path
 
-    from ..train.reference import tensor_hash
+    from ..hashing import tensor_hash
 
     enc_key = tensor_hash(v for m in components.text_encoders if m is not None
                           for _, v in sorted(m.state_dict().items()))

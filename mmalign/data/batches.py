@@ -117,3 +117,52 @@ class ImageTextBatch(CandidateBatch):
     def batch_size(self) -> int:
         x = self.pixel_values if self.pixel_values is not None else self.input_ids
         return 0 if x is None else x.shape[0]
+
+
+class EncoderCache:
+    """Outputs of a frozen media encoder for one batch, keyed by a fingerprint of the encoder's weights; filled
+    and read by the adapter, so that the reference pass reuses the policy pass's encoding. Not a dict, so batch
+    hashing ignores it; ``.to()`` hands the same object to the moved batch."""
+
+    def __init__(self):
+        self.entries: dict[str, Tensor] = {}
+        self.encoder_calls = 0  # how many times an encoder actually ran on this batch
+
+
+@dataclass
+class VisionTextBatch(CandidateBatch):
+    """B examples, each one image + one prompt, with K text completions (vision-language preference rows).
+
+    Attributes:
+        prompt_ids: ``[B, P]`` left-padded prompt ids, holding the ``<image>`` placeholders (one per image
+            feature) where the image goes.
+        prompt_mask: ``[B, P]`` 1 on real prompt tokens.
+        completion_ids: ``[B, K, C]`` right-padded completion ids (pairs: 0 = chosen, 1 = rejected).
+        completion_mask: ``[B, K, C]`` 1 on scored completion tokens.
+        pixel_values: ``[B, C, H, W]`` preprocessed pixels, one image per example (shared by its K candidates).
+        candidate_mask: ``[B, K]`` bool, False for padding candidates, or None.
+        labels: ``[B, K]`` float: unpaired desirability (1/0), ranking position (0 = best), or NaN.
+        meta: per-example python values (data file, row, image path), not moved to device.
+        extras: other ``[B, ...]`` tensors (``margin``, ``weight``, the loop's ``index``), moved with the batch.
+        encoder_cache: frozen-encoder outputs shared by the passes that score this batch (see
+            :class:`EncoderCache`).
+    """
+
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    completion_ids: Tensor
+    completion_mask: Tensor
+    pixel_values: Tensor | None = None
+    candidate_mask: Tensor | None = None
+    labels: Tensor | None = None
+    meta: list[dict] = field(default_factory=list)
+    extras: dict[str, Tensor] = field(default_factory=dict)
+    encoder_cache: EncoderCache = field(default_factory=EncoderCache, repr=False, compare=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.prompt_ids.shape[0]
+
+    @property
+    def num_candidates(self) -> int:
+        return self.completion_ids.shape[1]

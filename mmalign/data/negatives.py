@@ -22,6 +22,10 @@ Choices the paper (as read; no public code) leaves open, made here and marked *u
   the winner and a loser of the same list;
 - the similarity that orders ranked negatives ("…R" variants) was not visible in the digest; we use the
   ROUGE-L F1 of token ids, ``2·LCS(a, b) / (|a| + |b|)`` (:func:`lcs_ratio`), content tokens only.
+
+The generators that run the model (AN, MN) take ``lm``, the transformers causal LM itself: the caller reaches it
+through DDP / value-head / PEFT wrappers (``mmalign.adapters.causal_lm.unwrap_causal_lm(model).lm``; LoRA layers
+are injected in place, so they are active in it), which keeps this data module free of adapter imports.
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..adapters.causal_lm import unwrap_causal_lm
 from .batches import TextBatch
 
 # Candidate kind codes stored in ``extras["candidate_kind"]`` ([B, K] long; -1 = padding candidate).
@@ -80,10 +83,9 @@ def batch_negatives(pos: Sequence[Sequence[int]], *, num: int, generator: torch.
 
 
 @torch.no_grad()
-def teacher_forced_logits(model: nn.Module, batch: TextBatch) -> Tensor:
+def teacher_forced_logits(lm: nn.Module, batch: TextBatch) -> Tensor:
     """Next-token logits ``[B, C, V]`` at every completion position of candidate 0, given the prompt and the
     ground-truth prefix (one forward of ``[prompt; positive]``; left pads do not shift the positions)."""
-    lm = unwrap_causal_lm(model).lm
     p = batch.prompt_ids.shape[1]
     c = batch.completion_ids.shape[2]
     ids = torch.cat([batch.prompt_ids, batch.completion_ids[:, 0]], 1)
@@ -109,14 +111,14 @@ def teacher_forced_predictions(logits: Tensor, *, sample: bool, temperature: flo
     return draws.T.reshape(num, b, c)
 
 
-def mean_field_negatives(model: nn.Module, batch: TextBatch, *, rate: float, num: int, eos_id: int | None,
+def mean_field_negatives(lm: nn.Module | None, batch: TextBatch, *, rate: float, num: int, eos_id: int | None,
                          generator: torch.Generator, sample: bool = False, temperature: float = 1.0,
                          predictions: Tensor | None = None) -> Negatives:
     """MN: replace ``max(1, round(rate·L))`` random content positions of the positive (``L`` content tokens) by
     the model's teacher-forced prediction there. ``predictions`` ``[num, B, C]`` skips the forward (tests)."""
     pos = positives(batch)
     if predictions is None:
-        logits = teacher_forced_logits(model, batch)
+        logits = teacher_forced_logits(lm, batch)
         predictions = teacher_forced_predictions(logits, sample=sample, temperature=temperature,
                                                  generator=generator, num=num)
     preds = predictions.tolist()
@@ -135,7 +137,7 @@ def mean_field_negatives(model: nn.Module, batch: TextBatch, *, rate: float, num
 
 
 @torch.no_grad()
-def autoregressive_negatives(model: nn.Module, batch: TextBatch, *, num: int, max_new_tokens: int,
+def autoregressive_negatives(lm: nn.Module, batch: TextBatch, *, num: int, max_new_tokens: int,
                              temperature: float, top_p: float, seed: int, eos_id: int, pad_id: int) -> Negatives:
     """AN: ``num`` sampled continuations per prompt (``temperature=0``: greedy), cut after the first EOS.
 
@@ -143,7 +145,6 @@ def autoregressive_negatives(model: nn.Module, batch: TextBatch, *, num: int, ma
     seeded from ``seed``) but on the batch's token ids rather than re-tokenised strings, so chat-templated and
     truncated prompts are exactly the ones being scored. The global RNG is forked: training's random stream
     does not depend on how many tokens were sampled (exact resume)."""
-    lm = unwrap_causal_lm(model).lm  # LoRA layers are injected in place, so they are active here too
     prompt_ids = batch.prompt_ids.repeat_interleave(num, 0)
     prompt_mask = batch.prompt_mask.repeat_interleave(num, 0)
     was_training = lm.training

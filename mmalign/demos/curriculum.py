@@ -1,6 +1,6 @@
 """``mmalign demo curriculum``: automatic pairs from models of different strength + an easy→hard curriculum.
 
-Xu et al. 2023 (arXiv 2310.02263), on the warm-colours task of :mod:`mmalign.demos.warm_colors`:
+Xu et al. 2023 (arXiv 2310.02263), on the warm-colours task of :mod:`mmalign.data.warm_colors`:
 
 1. Three source models of known strength, all trained through ``mmalign.train``: **weak** = the SFT model
    after a few steps, **sft** = the same SFT run carried on, **strong** = ``sft`` aligned with DPO on
@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
+from ..data import warm_colors as W
 from ..data.pairs import curriculum_stages, shuffled_mix, write_jsonl
-from . import warm_colors as W
 
 TINY = "model.tiny={hidden_size: 64, num_layers: 2, num_heads: 4, num_kv_heads: 2, intermediate_size: 128}"
 

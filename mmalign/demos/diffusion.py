@@ -158,7 +158,7 @@ def run(out_dir: str | Path = "outputs/demo/diffusion", *, seed: int = 0, n_imag
         beta: float = 2000.0, dpo_lr: float = 1e-4, alpha: float = 1.0, npo_beta: float = 1.0,
         npo_lr: float = 3e-5, npo_caption_dropout: float = 0.2, faded_prob: float = 0.5) -> dict:
     """Run the demo; ``captions`` limits the caption set (default all 36) for quick runs."""
-    from ..methods import npo
+    from ..models import npo_weights as npo
     from ..sample import diffusion as SD
 
     t0 = time.time()

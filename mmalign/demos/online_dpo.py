@@ -3,7 +3,7 @@
 1. SFT: the same tiny Llama and colour-list corpus as ``mmalign demo text`` (:mod:`mmalign.demos.text`);
    trained once through ``mmalign.train`` and cached under ``out_dir/sft`` (reused when present).
 2. Online DPO (Guo et al., arXiv 2402.04792): prompt-only rows; every step the current policy samples two
-   completions per prompt, the programmatic reward (:func:`mmalign.demos.warm_colors.reward`, share of warm
+   completions per prompt, the programmatic reward (:func:`mmalign.data.warm_colors.reward`, share of warm
    colour words) picks chosen/rejected, and DPO trains on the pair against the frozen SFT reference.
    With ``xpo=True`` the same budget is also spent on XPO (arXiv 2405.21046: policy vs reference sample plus
    the ``α · log π(ỹ)`` exploration term).
@@ -21,7 +21,7 @@ import re
 import time
 from pathlib import Path
 
-from . import warm_colors as W
+from ..data import warm_colors as W
 
 
 def addition_reward(prompt: str, completion: str) -> float:
@@ -78,7 +78,7 @@ def run(out_dir: str | Path = "outputs/demo/online_dpo", *, seed: int = 0, sft_s
     common = [f"model.name_or_path={sft_dir}", f"data.train=[{data / 'prompts.jsonl'}]", f"run.max_steps={steps}",
               "run.batch_size=16", "optim.lr=5e-4", "optim.scheduler=constant", f"run.seed={seed}",
               "reference.strategy=copy", "run.log_every=1",
-              "options={reward_fn: 'mmalign.demos.warm_colors:reward', max_new_tokens: "
+              "options={reward_fn: 'mmalign.data.warm_colors:reward', max_new_tokens: "
               f"{W.N_WORDS + 2}, temperature: 1.0}}"]
     methods = {"online_dpo": ["loss.name=online_dpo", "loss.kwargs={beta: 0.1}"]}
     if xpo:

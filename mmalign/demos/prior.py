@@ -93,8 +93,9 @@ def image_token_mask(tokenizer, caption: str, words: tuple[str, ...]) -> list[bo
 @torch.no_grad()
 def evaluate(model_dir: Path, data: Path, *, batch_size: int = 64) -> dict:
     """Teacher-forced greedy accuracy of a saved LVLM on image-dependent and on all caption tokens."""
+    from ..adapters.lvlm import lvlm_hidden_states
     from ..data.captions import CaptionDataset, read_caption_rows
-    from ..models.lvlm import load_lvlm, lvlm_hidden_states
+    from ..models.lvlm import load_lvlm
 
     model, io = load_lvlm(model_dir)
     model.eval()

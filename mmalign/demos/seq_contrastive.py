@@ -1,6 +1,6 @@
 """``mmalign demo seq_contrastive``: Feng et al. 2025 contrastive training on plain SFT data, before vs after.
 
-1. SFT: a random tiny Llama learns the warm-colours corpus (:mod:`mmalign.demos.warm_colors`: 6 colour words
+1. SFT: a random tiny Llama learns the warm-colours corpus (:mod:`mmalign.data.warm_colors`: 6 colour words
    per completion), deliberately briefly, so that its own samples still contain mistakes.
 2. ``seq_contrastive`` from the SFT checkpoint on the same SFT rows (no preference labels): the ground truth is
    the positive, negatives are the model's samples (AN), other rows' answers (BN), teacher-forced token
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from . import warm_colors as W
+from ..data import warm_colors as W
 
 KINDS = ["autoregressive", "batch", "mean_field", "truncation"]
 NAMES = ["sft", "seq_contrastive", "seq_contrastive_mle", "mle"]

@@ -2,7 +2,7 @@
 
 1. SFT: a random tiny Llama (BPE tokenizer trained on the data) learns to write 6 colour words, half warm.
 2. DPO: pairs from the same distribution, chosen = more warm words (the programmatic reward of
-   :mod:`mmalign.demos.warm_colors`); the SFT model is both the starting point and the frozen reference.
+   :mod:`mmalign.data.warm_colors`); the SFT model is both the starting point and the frozen reference.
 3. Evaluation on the same prompts and sampling seeds: mean reward and win-rate of DPO samples against the
    SFT model's samples, and the KL(policy ‖ reference) estimated on policy samples.
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import warm_colors as W
+from ..data import warm_colors as W
 
 
 def _train(out: Path, name: str, overrides: list[str]) -> dict:

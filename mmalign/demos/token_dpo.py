@@ -2,7 +2,7 @@
 
 TDPO (Zeng et al. 2024, arXiv 2404.11999) adds a per-token KL(pi_ref || pi) term to DPO's margin and claims a
 better reward-KL trade-off (its IMDB frontier, Fig. 2) than DPO. This demo puts that claim to a small, honest test
-on the warm-colours task (:mod:`mmalign.demos.warm_colors`: reward = share of warm colour words in 6):
+on the warm-colours task (:mod:`mmalign.data.warm_colors`: reward = share of warm colour words in 6):
 
 1. SFT a tiny Llama on colour lists (cached in ``out_dir/sft`` between runs of the demo).
 2. Train DPO (sigmoid, beta 0.1) and TDPO2 (beta 0.1, alpha 0.5) from that checkpoint, frozen-copy reference,
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from . import warm_colors as W
+from ..data import warm_colors as W
 
 TINY = "model.tiny={hidden_size: 64, num_layers: 2, num_heads: 4, num_kv_heads: 2, intermediate_size: 128}"
 METHODS = {"dpo": ["loss.name=dpo", "loss.kwargs={beta: 0.1}"],

@@ -1,5 +1,5 @@
 """``mmalign demo token_guidance``: preference-grounded token-level guidance (Yang et al. 2023, arXiv 2306.00398)
-on the warm-colours task of :mod:`mmalign.demos.warm_colors`.
+on the warm-colours task of :mod:`mmalign.data.warm_colors`.
 
 1. SFT: a random tiny Llama learns to write 6 colour words, half of them warm (cached under ``out_dir/sft``).
 2. Guidance training through ``mmalign.train`` (``loss.name=token_guidance``, the one loop): per cycle, one step
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from . import warm_colors as W
+from ..data import warm_colors as W
 
 TINY = "model.tiny={hidden_size: 64, num_layers: 2, num_heads: 4, num_kv_heads: 2, intermediate_size: 128}"
 

@@ -12,7 +12,9 @@ features) and returns :class:`LossOutput` ``(loss, per_example, metrics)``. File
 ``listwise``       Plackett–Luce (full and top-k), pairwise expansion of rankings, ListMLE on aggregates
 ``token_level``    TDPO1/2, SparsePO, activation masks, token-weighted NLL, PRIOR weights, WPO weights
 ``reward_model``   Bradley–Terry (margin, centering), general preference model
-``contrastive``    CLIP InfoNCE, SigLIP, CAVP, RaFA, HyCD, ZSCL; modality gap, alignment, uniformity
+``contrastive``    CLIP InfoNCE, SigLIP; modality gap, alignment, uniformity (re-exports the next two)
+``cavp``           CAVP (Diff-Foley): semantic + intra-video/temporal contrast over clip groups
+``clip_tuning``    RaFA, HyCD (CLIP-Refine), ZSCL distillation, weight averaging
 ``diffusion``      Diffusion-DPO/NPO over denoising errors (any pairwise loss_type), Self-NPO regression, SFT
 ``regularizers``   NLL, KL to the reference, XPO bonus, entropy bonus, and ``combine`` (weighted terms)
 =================  ==========================================================================================

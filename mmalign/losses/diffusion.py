@@ -12,6 +12,13 @@ timesteps differently (v-MSE = ε-MSE/α_t², velocity-MSE = ε-MSE/(1−σ)²),
 target types (flow_grpo uses β = 100 on SD3.5-M velocity errors against 5000 for SD1.5 ε errors). A
 per-element weighting such as diffusers' ``compute_loss_weighting_for_sd3`` belongs in the adapter, before
 the mean; none of the reference DPO implementations weights errors, so nothing for it is exposed here.
+
+Training runs do not call these closed forms: the diffusion family (``mmalign.adapters.diffusion_family``)
+scores candidates as ``logps = −c·err`` (c = ½ in the original β convention, 1 in the diffusers one), and the
+generic rows of the one METHODS table (``mmalign.methods.table``) pass them to :func:`~mmalign.losses.dpo`,
+``kto`` and ``plackett_luce`` with the user's β, which reproduces :func:`diffusion_dpo` /
+:func:`diffusion_npo` bit for bit (multiplying by ½ or 2 is exact). They stay as the pure, self-contained
+statement of each objective over errors (and the reference the family is tested against).
 """
 
 from __future__ import annotations

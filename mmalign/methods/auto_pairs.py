@@ -35,7 +35,7 @@ from ..data.pairs import RewardFn, build_pairs, read_responses, score_responses
 
 
 def _warm_colors(prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
-    from ..demos.warm_colors import reward
+    from ..data.warm_colors import reward
 
     return [reward(c) for c in completions]
 

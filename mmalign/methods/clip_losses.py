@@ -1,4 +1,6 @@
-"""The CLIP recipes' losses: one table of methods and how each composes :mod:`mmalign.losses.contrastive` terms.
+"""The contrastive rows of the one METHODS table (:mod:`mmalign.methods.table`): how each composes
+:mod:`mmalign.losses.contrastive` terms on the dual-encoder family's Scores
+(:class:`~mmalign.adapters.contrastive_family.DualEncoderFamily`).
 
 ======================  =======================================================================================
 ``clip``                symmetric InfoNCE (open_clip ``ClipLoss``), normalised features
@@ -25,8 +27,6 @@ with the parameter count.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -36,46 +36,18 @@ from ..losses import LossOutput, combine
 from ..losses.contrastive import clip_contrastive, hycd, modality_gap, rafa, siglip, zscl_distill
 from ..types import Scores
 
-
-@dataclass(frozen=True)
-class ClipMethod:
-    """A recipe: its ``loss.kwargs`` defaults, whether it needs a frozen teacher and reference images, and the
-    feature normalisation of its reference implementation."""
-
-    name: str
-    defaults: dict = field(default_factory=dict)
-    needs_teacher: bool = False
-    needs_ref_images: bool = False
-    normalize: bool = True
-
-
-CLIP_METHODS: dict[str, ClipMethod] = {
-    "clip": ClipMethod("clip"),
-    "siglip": ClipMethod("siglip"),
-    "clip_refine": ClipMethod("clip_refine", {
-        "contrastive_weight": 0.0, "rafa_weight": 1.0, "hycd_weight": 1.0, "alpha": 0.5, "temperature": 1.0,
-        "rafa_mean": 0.0, "rafa_std": 1.0, "rafa_distance": "mse", "share_targets": True,
-    }, needs_teacher=True, normalize=False),
-    "zscl": ClipMethod("zscl", {
-        "contrastive_weight": 1.0, "image_weight": 1.0, "text_weight": 1.0, "temperature": 2.0, "divergence": "ce",
-        "l2_weight": 0.0,
-    }, needs_teacher=True, needs_ref_images=True),
+# loss.kwargs of the rows (their defaults; the dual-encoder family refuses other keys). CLIP-Refine's are the
+# released config's (clip-refine.yaml + RandRegUpdater), ZSCL's those of ZSCL.sh.
+CLIP_REFINE_DEFAULTS = {
+    "contrastive_weight": 0.0, "rafa_weight": 1.0, "hycd_weight": 1.0, "alpha": 0.5, "temperature": 1.0,
+    "rafa_mean": 0.0, "rafa_std": 1.0, "rafa_distance": "mse", "share_targets": True,
 }
-
-
-def get_clip_method(name: str) -> ClipMethod:
-    if name not in CLIP_METHODS:
-        raise ConfigError(f"loss.name={name!r} is not a CLIP method; valid: {sorted(CLIP_METHODS)}")
-    return CLIP_METHODS[name]
-
-
-def resolve_kwargs(method: ClipMethod, kwargs: dict) -> dict:
-    """The method's defaults updated with ``loss.kwargs``; unknown keys are a ConfigError naming the valid ones."""
-    bad = sorted(set(kwargs) - set(method.defaults))
-    if bad:
-        valid = sorted(method.defaults) or "none"
-        raise ConfigError(f"loss.kwargs has {bad}, which {method.name} does not take; valid: {valid}")
-    return {**method.defaults, **kwargs}
+ZSCL_DEFAULTS = {
+    "contrastive_weight": 1.0, "image_weight": 1.0, "text_weight": 1.0, "temperature": 2.0, "divergence": "ce",
+    "l2_weight": 0.0,
+}
+# The rows' ``why`` (they have no pure loss whose signature lists the options).
+OPTIONS = "loss.kwargs are the row's defaults (mmalign.methods.clip_losses), checked by the dual-encoder family"
 
 
 def _feats(s: Scores, name: str, global_: bool) -> Tensor:
@@ -148,22 +120,36 @@ def geometry_metrics(s: Scores) -> dict[str, Tensor]:
             "geometry/feat_gap": (img.float() - txt.float()).norm(dim=-1).mean()}
 
 
-def clip_method_loss(method: ClipMethod, s: Scores, kw: dict, *, normalize: bool, local_loss: bool = False,
-                     aux: Scores | None = None, generator: torch.Generator | None = None,
-                     l2: Tensor | None = None) -> LossOutput:
-    """The method's loss on policy Scores ``s`` (teacher features in ``s.extras["teacher_*"]``; ZSCL's reference
-    images in ``aux``, with teacher image features and text anchors in ``aux.extras``)."""
-    if method.name == "clip":
-        out = contrastive_term(s, normalize=normalize, local_loss=local_loss)
-    elif method.name == "siglip":
-        out = siglip_term(s, normalize=normalize)
-    elif method.name == "clip_refine":
-        out = _clip_refine(s, kw, normalize=normalize, local_loss=local_loss, generator=generator)
-    elif method.name == "zscl":
-        out = _zscl(s, kw, normalize=normalize, local_loss=local_loss, aux=aux, l2=l2)
-    else:  # pragma: no cover - CLIP_METHODS and this dispatch are edited together
-        raise ConfigError(f"no loss for CLIP method {method.name!r}")
+def _with_geometry(out: LossOutput, s: Scores) -> LossOutput:
     return LossOutput(out.loss, out.per_example, {**out.metrics, **geometry_metrics(s)})
+
+
+# -- the rows' functions (METHODS: clip, siglip, clip_refine, zscl) ------------------------------------------------
+# ``kw`` = the row's loss.kwargs plus what the dual-encoder family adds (its ``loss_kwargs``): ``normalize`` (feature
+# normalisation of the run), ``local_loss`` (clip.local_loss), ``rafa_generator`` (device -> this rank's RaFA
+# stream) and ``l2`` (() -> Σ‖θ − θ_0‖², ZSCL's parameter term). Teacher features come in Scores.extras.
+def clip_row(s: Scores, reference, batch, kw: dict) -> LossOutput:
+    """CLIP InfoNCE (open_clip ``ClipLoss``)."""
+    return _with_geometry(contrastive_term(s, normalize=kw["normalize"], local_loss=kw["local_loss"]), s)
+
+
+def siglip_row(s: Scores, reference, batch, kw: dict) -> LossOutput:
+    """SigLIP (open_clip ``SigLipLoss``)."""
+    return _with_geometry(siglip_term(s, normalize=kw["normalize"]), s)
+
+
+def clip_refine_row(s: Scores, reference, batch, kw: dict) -> LossOutput:
+    """CLIP-Refine on policy Scores with the teacher's features in ``s.extras["teacher_*"]``."""
+    gen = kw["rafa_generator"](s.embeddings["image"].device)
+    return _with_geometry(_clip_refine(s, kw, normalize=kw["normalize"], local_loss=kw["local_loss"],
+                                       generator=gen), s)
+
+
+def zscl_row(s: Scores, reference, batch, kw: dict, aux: Scores | None = None) -> LossOutput:
+    """ZSCL; ``aux``: the policy's Scores of the reference images, with the teacher's image features and text
+    anchors in ``aux.extras``."""
+    l2 = kw["l2"]() if kw["l2_weight"] else None
+    return _with_geometry(_zscl(s, kw, normalize=kw["normalize"], local_loss=kw["local_loss"], aux=aux, l2=l2), s)
 
 
 def _clip_refine(s: Scores, kw: dict, *, normalize: bool, local_loss: bool,

@@ -52,10 +52,10 @@ from ..data.batches import TextBatch
 from ..data.rows import DataError, RowProblem, load_rows
 from ..data.text import EncodedExample, PreferenceDataset
 from ..schema import StageConfig, TrainConfig
-from ..train.loop import StageData
 from ..types import Scores
 from .rewards import ModelReward, load_reward_fn
-from .text import TextTask, build_model, build_tokenizer
+from .task import StageData
+from .text import CausalLMFamily, TextTask
 from .text_losses import TextMethod, check_loss_kwargs
 
 ONLINE_LOSSES = ("online_dpo", "xpo")
@@ -208,11 +208,9 @@ class OnlineDPOTask(TextTask):
         if errors:
             raise ConfigError(errors)
         self.needs_reference = True
-        self.merged = False
         self._reward = (load_reward_fn(self.options.reward_fn) if self.options.reward_fn  # fail before building
                         else ModelReward(self.options.reward_model))  # type: ignore[arg-type]
-        self.tokenizer = tokenizer or build_tokenizer(cfg)
-        self.model = model or build_model(cfg, self.tokenizer, value_head=False)
+        self.family = CausalLMFamily(cfg, [], tokenizer=tokenizer, model=model)  # the tokenizer and the policy
         self.configure_stage(None)
         self._ref_sampler: nn.Module | None = None
         uses_xpo = any(_stage_loss(cfg, s)[0] == "xpo" for s in [None, *cfg.stages])

@@ -50,6 +50,7 @@ from ..adapters.causal_lm import score_batch
 from ..config import ConfigError
 from ..data.batches import TextBatch
 from ..data.captions import CaptionDataset, caption_and_prompt, read_caption_rows
+from ..hashing import model_hash
 from ..models.lvlm import (
     PatchLVLM,
     build_tiny_lvlm,
@@ -60,9 +61,8 @@ from ..models.lvlm import (
     unwrap_lvlm,
 )
 from ..schema import PriorConfig, StageConfig, TrainConfig
-from ..train.loop import StageData
-from ..train.reference import model_hash
 from ..types import Scores
+from .task import StageData, Task
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -214,11 +214,15 @@ def build_caption_tokenizer(cfg: TrainConfig):
     return tok
 
 
-class PriorTask:
+class PriorTask(Task):
     """Method recipe for LVLM training with PRIOR token weights (see the module docstring)."""
 
     def __init__(self, cfg: TrainConfig, *, tokenizer=None, model: nn.Module | None = None, inputs=None,
-                 reference: nn.Module | None = None):
+                 reference: nn.Module | None = None, train_fn=None):
+        """``train_fn(config, overrides) -> summary`` trains PRIOR's text-only reference when it is not cached
+        (:func:`mmalign.api.build_task` passes :func:`mmalign.api.train`; methods do not import the API). Without
+        it, the reference is trained by :meth:`run_prerequisites`, which ``mmalign.api.train(cfg, task=task)``
+        calls before the loop."""
         errs = []
         if cfg.loss.name != "prior":
             errs.append(f"loss.name={cfg.loss.name!r}: modality=prior trains with loss.name=prior (plain next-token "
@@ -237,6 +241,7 @@ class PriorTask:
             raise ValueError("PriorTask(model=...) needs inputs= (the LVLMInputs of that model)")
         self.inputs, self.tokenizer = inputs, inputs.tokenizer
         self._reference_dir: Path | None = None
+        self._train_fn, self._pending_reference = train_fn, None
         self.reference = reference
         if self.pc.enabled and reference is None:
             self._reference_dir = self._prepare_reference(model)
@@ -310,20 +315,33 @@ class PriorTask:
                 extract_language_model(model).save_pretrained(str(ref_dir / "init"))
                 self.tokenizer.save_pretrained(str(ref_dir / "init"))
         state.wait_for_everyone()
-        from ..api import train
+        self._pending_reference = (run, marker, key, len(corpus), ref_dir)
+        if self._train_fn is not None:
+            self.run_prerequisites(self._train_fn)
+        return final
 
-        log.info("PRIOR step 1: training the text-only reference LM on %d captions in %s", len(corpus), ref_dir)
-        train(run, list(pc.reference_overrides))  # every process joins: the text run may itself be distributed
+    def run_prerequisites(self, train_fn) -> None:
+        """Train the text-only reference with ``train_fn`` (``mmalign.api.train``) if it is still pending."""
+        if self._pending_reference is None:
+            return
+        run, marker, key, n, ref_dir = self._pending_reference
+        state = process_state()
+        log.info("PRIOR step 1: training the text-only reference LM on %d captions in %s", n, ref_dir)
+        train_fn(run, list(self.pc.reference_overrides))  # every process joins: the text run may be distributed
         state.wait_for_everyone()
         if state.is_main_process:
             marker.write_text(json.dumps({"key": key}))
-        return final
+        self._pending_reference = None
 
     def _load_reference(self) -> nn.Module:
         from ..models.text import load_causal_lm, load_tokenizer
 
         if self.reference is not None:
             return self.reference
+        if self._pending_reference is not None:
+            raise RuntimeError("PRIOR's text-only reference is not trained yet: build the task with "
+                               "mmalign.api.build_task, pass train_fn=mmalign.api.train, or train through "
+                               "mmalign.api.train(cfg, task=task)")
         path = self._reference_dir
         ref = load_causal_lm(path, dtype=self.cfg.model.dtype)
         if any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
@@ -395,7 +413,7 @@ class PriorTask:
 
     # -- scores and loss ------------------------------------------------------------------------------------
     def score(self, model: nn.Module, batch: TextBatch) -> Scores:
-        from ..models.lvlm import score_captions
+        from ..adapters.lvlm import score_captions
 
         return score_captions(model, batch)
 

@@ -28,7 +28,7 @@ BatchedReward = Callable[[list, list[str]], list[float]]
 
 
 def _warm_colors(prompt: str, completion: str) -> float:
-    from ..demos.warm_colors import reward
+    from ..data.warm_colors import reward
 
     return reward(completion)
 

@@ -3,7 +3,7 @@
 
 The model's own imperfect samples are implicitly low-reward; fine-tuning on them yields a negative model that is
 correlated with the base (so CFG's variance does not blow up) and is used as θ_neg in NPO-guided CFG
-(:mod:`mmalign.methods.npo`, :mod:`mmalign.sample.diffusion`). One training step, per sample:
+(:mod:`mmalign.models.npo_weights`, :mod:`mmalign.sample.diffusion`). One training step, per sample:
 
 1. **Truncated rollout** (teacher, no grad): K solver steps (DDIM, η = 0) on an N-step grid of the training
    timesteps, ``x_{t_0} → … → x_{t_K}``; the target is the teacher's x0 estimate at the stopping point,
@@ -53,6 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from ..types import Scores
+from .task import StageData, Task
 
 # NoiseLevels is unused here but re-exported: the TDFT math lived in this module first and is still imported from it.
 from .tdft import NoiseLevels as NoiseLevels
@@ -185,7 +186,7 @@ def _read_prompts(path: str) -> list[str]:
     return prompts
 
 
-class SelfNPOTask:
+class SelfNPOTask(Task):
     """Self-NPO as a :class:`~mmalign.train.loop.Task` (``modality: diffusion``, ``loss.name: self_npo``).
 
     The teacher is the task's own (``needs_reference = False``: the loop runs no reference pass, because the
@@ -242,8 +243,6 @@ class SelfNPOTask:
         return [""]
 
     def stage_data(self, stage):
-        from ..train.loop import StageData
-
         if self.opts.start == "data":
             return self._image_stage_data(stage)
         ds = _SeedRange(self.opts.num_samples)
@@ -253,7 +252,6 @@ class SelfNPOTask:
     def _image_stage_data(self, stage):
         from ..adapters.diffusion import make_noise_sampler
         from ..data.image import ImageDataset, load_image_records
-        from ..train.loop import StageData
 
         sources = stage.train or self.cfg.data.train
         if not sources:
@@ -425,7 +423,7 @@ class SelfNPOTask:
     # -- model lifecycle --------------------------------------------------------------------------------------------
     def save_pretrained(self, model: nn.Module, path, state_dict: dict | None = None) -> None:
         """The layout of every diffusion run (:func:`mmalign.models.diffusion.save_denoiser_run`), so the sampler
-        and :mod:`mmalign.methods.npo` read Self-NPO results like any other."""
+        and :mod:`mmalign.models.npo_weights` read Self-NPO results like any other."""
         from ..models.diffusion import save_denoiser_run
 
         save_denoiser_run(self.components, model, path, tiny_base=self._tiny_base, state_dict=state_dict,

@@ -37,14 +37,14 @@ import torch
 from torch import nn
 
 from .. import losses as L
-from ..adapters.causal_lm import score_batch
+from ..adapters.causal_lm import score_batch, unwrap_causal_lm
 from ..config import ConfigError, from_dict
 from ..data import negatives as N
 from ..data.batches import TextBatch
 from ..schema import StageConfig, TrainConfig
-from ..train.loop import StageData
 from ..types import Scores
-from .text import TextTask, _content_key, _stage_loss, build_model, build_tokenizer
+from .task import StageData
+from .text import CausalLMFamily, TextTask, _content_key, _stage_loss
 from .text_losses import TextMethod, check_loss_kwargs, ranking_order
 
 Kind = Literal["autoregressive", "batch", "mean_field", "truncation"]
@@ -152,9 +152,7 @@ class SeqContrastiveTask(TextTask):
         self.method = METHOD
         self.needs_reference = True
         _, self.loss_kwargs, self.sft_weight, self.retain_weight = _stage_loss(cfg, None)
-        self.merged = False
-        self.tokenizer = tokenizer or build_tokenizer(cfg)
-        self.model = model or build_model(cfg, self.tokenizer, value_head=False)
+        self.family = CausalLMFamily(cfg, [], tokenizer=tokenizer, model=model)  # the tokenizer and the policy
         self.eos_id = self.tokenizer.eos_token_id
         if self.eos_id is None:
             raise ConfigError("seq_contrastive needs a tokenizer with an eos_token (truncation negatives and "
@@ -190,17 +188,18 @@ class SeqContrastiveTask(TextTask):
         :func:`mmalign.data.negatives.build_candidates`). Deterministic given ``seed`` and the model."""
         o = self.opts
         gen = torch.Generator().manual_seed(seed)
+        lm = unwrap_causal_lm(model).lm  # through DDP/PEFT wrappers; LoRA layers are injected in place
         pos = N.positives(batch)
         rows: list[list[tuple[str, list[int]]]] = [[] for _ in pos]
         for kind in o.negatives:  # in the configured order: same options + seed -> same negatives
             if kind == "autoregressive":
-                made = N.autoregressive_negatives(model, batch, num=o.num_per_kind, max_new_tokens=o.max_new_tokens,
+                made = N.autoregressive_negatives(lm, batch, num=o.num_per_kind, max_new_tokens=o.max_new_tokens,
                                                   temperature=o.temperature, top_p=o.top_p, seed=seed,
                                                   eos_id=self.eos_id, pad_id=self.pad_id)
             elif kind == "batch":
                 made = N.batch_negatives(pos, num=o.num_per_kind, generator=gen)
             elif kind == "mean_field":
-                made = N.mean_field_negatives(model, batch, rate=o.mean_field_rate, num=o.num_per_kind,
+                made = N.mean_field_negatives(lm, batch, rate=o.mean_field_rate, num=o.num_per_kind,
                                               eos_id=self.eos_id, generator=gen, sample=o.mean_field_sample,
                                               temperature=o.temperature)
             else:

@@ -8,28 +8,15 @@ every hook has a no-op default here, so the loop calls them unconditionally and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from torch import nn
 
 from ..losses import LossOutput
 from ..schema import StageConfig
-from ..types import Scores
+from ..types import Scores, StageData
 
-
-@dataclass
-class StageData:
-    """What a task hands the loop for one stage."""
-
-    train: Any  # a sequence of examples (torch Dataset)
-    collate: Any  # list[example] -> batch with .to(device) and .extras
-    eval: Any = None
-    aux: Any = None  # e.g. the retain set of an unlearning run
-    stats: dict = field(default_factory=dict)  # flat numeric data stats (rows read/used/skipped, ...), logged
-    key: str = ""  # content hash of ``train``, for reference-score caching ("" : hashed from the batches)
-    eval_key: str = ""  # the same for ``eval``
+__all__ = ["StageData", "Task"]
 
 
 class Task:
@@ -71,6 +58,11 @@ class Task:
         for exact resume."""
         return batch
 
+    def run_prerequisites(self, train_fn) -> None:
+        """Train the auxiliary runs the task depends on (PRIOR's text-only reference LM) with ``train_fn``
+        (:func:`mmalign.api.train`, handed down so that methods never import the API); called by ``api.train``
+        before the loop. Must do nothing when they are already done."""
+
     def after_step(self, step: int) -> None:
         """Runs after every optimizer step (weight averages, logit-scale clamps, alternating phases)."""
 
@@ -79,4 +71,5 @@ class Task:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what :meth:`state_dict` returned."""
+        """Restore what :meth:`state_dict` returned (called on resume; not called for checkpoints written before
+        tasks had recipe state, which carry none)."""

@@ -1,361 +1,46 @@
-"""The text recipe: a causal LM, preference rows, the causal-LM adapter and a loss from
-:data:`~mmalign.methods.text_losses.TEXT_METHODS`, packaged as a :class:`~mmalign.train.loop.Task`.
+"""The text task: the generic :class:`~mmalign.methods.preference.PreferenceTask` over the causal-LM family
+(:class:`~mmalign.adapters.causal_lm_family.CausalLMFamily`), with any row of
+:data:`~mmalign.methods.table.METHODS` the family can feed.
 
 ``model.name_or_path: tiny`` builds a random tiny Llama and trains a byte-level BPE tokenizer on the run's
 own data, so everything works offline on a laptop CPU; any other value is a checkpoint loaded with
 ``from_pretrained`` (the same path users take for Qwen/Llama checkpoints).
+
+The names below stay importable from here for the text recipes (online DPO/XPO, sequence-level contrastive
+training, token guidance), which build on the same family.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
-from pathlib import Path
-
-import torch
 from torch import nn
 
-from ..adapters.causal_lm import score_batch, token_kl_from_states, unwrap_causal_lm
-from ..config import ConfigError, from_dict
-from ..data.batches import TextBatch
-from ..models import sub_state_dict
-from ..schema import StageConfig, TrainConfig
-from ..train.loop import StageData
-from ..types import Scores
-from .text_losses import (
-    UNLEARNING,
-    SparseMaskHeads,
-    TextMethod,
-    TokenOptions,
-    check_loss_kwargs,
-    get_text_method,
-    text_loss,
-)
+from ..adapters.causal_lm_family import MASK_HEADS, CausalLMFamily, build_model, build_tokenizer
+from ..adapters.causal_lm_family import _with_mismatched as _with_mismatched
+from ..adapters.causal_lm_family import content_key as _content_key
+from ..schema import TrainConfig
+from .preference import PreferenceTask
+from .preference import stage_loss as _stage_loss
 
-log = logging.getLogger(__name__)
+__all__ = ["MASK_HEADS", "CausalLMFamily", "TextTask", "_content_key", "_stage_loss", "build_model",
+           "build_tokenizer"]
 
 
-def _all_sources(cfg: TrainConfig) -> list[str]:
-    out = list(cfg.data.train) + list(cfg.data.eval)
-    for s in cfg.stages:
-        out += list(s.train or [])
-    if cfg.retain is not None:
-        out += list(cfg.retain.train)
-    return out
+class TextTask(PreferenceTask):
+    """Any METHODS row on a causal LM. ``tokenizer`` / ``model``: prebuilt parts (else built from the config).
 
+    Recipe subclasses that skip this ``__init__`` set ``self.family = CausalLMFamily(cfg, [], tokenizer=...,
+    model=...)`` and inherit stage data, saving and LoRA merges from it."""
 
-def build_tokenizer(cfg: TrainConfig):
-    from ..models.text import load_tokenizer
-
-    if cfg.model.name_or_path != "tiny" or cfg.model.tokenizer:
-        return load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
-                              trust_remote_code=cfg.model.trust_remote_code)
-    from ..data.rows import load_rows
-    from ..data.synthetic import corpus
-    from ..models.tokenizer import train_bpe_tokenizer
-
-    rows = [r for _, _, r in load_rows(_all_sources(cfg), skip_bad_rows=True)]
-    tok = train_bpe_tokenizer(corpus(rows), vocab_size=int(cfg.model.tiny.get("vocab_size", 512)))
-    tok.padding_side = "left"
-    return tok
-
-
-def build_model(cfg: TrainConfig, tokenizer, *, value_head: bool) -> nn.Module:
-    # Value-head and LoRA weights are drawn from torch's global RNG: seed them from the run so that the same
-    # config gives the same initial model, whatever ran before in the process (tests, notebooks, sweeps).
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.run.seed)
-        return _build_model(cfg, tokenizer, value_head=value_head)
-
-
-def _build_model(cfg: TrainConfig, tokenizer, *, value_head: bool) -> nn.Module:
-    from ..models.text import ValueHeadModel, apply_lora, build_tiny_causal_lm, load_causal_lm
-
-    if cfg.model.name_or_path == "tiny":
-        tiny = {k: v for k, v in cfg.model.tiny.items() if k != "vocab_size"}
-        model = build_tiny_causal_lm(len(tokenizer), seed=cfg.run.seed, **tiny)
-        if value_head:
-            model = ValueHeadModel(model)
-        if cfg.model.gradient_checkpointing:
-            base = model.base if value_head else model
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            base.config.use_cache = False
-    else:
-        model = load_causal_lm(cfg.model.name_or_path, dtype=cfg.model.dtype,
-                               attn_implementation=cfg.model.attn_implementation,
-                               trust_remote_code=cfg.model.trust_remote_code, load_in_4bit=cfg.model.load_in_4bit,
-                               load_in_8bit=cfg.model.load_in_8bit, value_head=value_head,
-                               gradient_checkpointing=cfg.model.gradient_checkpointing)
-    if cfg.lora.enabled:
-        model = apply_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                           target_modules=cfg.lora.target_modules)
-    return model
-
-
-def _stage_loss(cfg: TrainConfig, stage: StageConfig | None) -> tuple[str, dict, float, float]:
-    """(loss name, kwargs, sft_weight, retain_weight) in effect for ``stage`` (None: the run's loss section).
-
-    A stage that names another loss starts from that loss's defaults: the run's kwargs and sft_weight belong
-    to the run's loss (an SFT stage must not receive DPO's ``beta``)."""
-    run, over = cfg.loss, dict((stage.loss if stage is not None else None) or {})
-    name = over.get("name", run.name)
-    same = name == run.name
-    kwargs = {**(dict(run.kwargs) if same else {}), **dict(over.get("kwargs") or {})}
-    return (name, kwargs, over.get("sft_weight", run.sft_weight if same else 0.0),
-            over.get("retain_weight", run.retain_weight))
-
-
-def _check_methods(cfg: TrainConfig) -> list[TextMethod]:
-    """Every stage's loss name and options, all problems in one ConfigError; returns the methods in use."""
-    errors, methods = [], []
-    for i, stage in enumerate([None, *cfg.stages]):
-        where = "loss" if stage is None else f"stages.{i - 1}.loss"
-        if stage is not None:
-            extra = sorted(set(stage.loss or {}) - _STAGE_LOSS_KEYS)
-            if extra:
-                errors.append(f"{where}: {extra} cannot be set per stage; allowed: {sorted(_STAGE_LOSS_KEYS)}")
-            if stage.merge_lora and not cfg.lora.enabled:
-                errors.append(f"stages.{i - 1}.merge_lora=true needs lora.enabled=true (no adapter to merge)")
-        name, kwargs, _, _ = _stage_loss(cfg, stage)
-        try:
-            method = get_text_method(name)
-        except ConfigError as e:
-            errors += [f"{where}.{e.errors[0].removeprefix('loss.')}"]
-            continue
-        methods.append(method)
-        errors += check_loss_kwargs(method, kwargs, where=f"{where}.kwargs")
-    if len({m.value_head for m in methods}) > 1:
-        errors.append("stages mix a reward model (rm, value head) with language-model losses; train the reward "
-                      "model in its own run")
-    if errors:
-        raise ConfigError(errors)
-    return methods
-
-
-_STAGE_LOSS_KEYS = {"name", "kwargs", "sft_weight", "retain_weight"}
-
-
-def _content_key(dataset) -> str:
-    h = hashlib.sha256()
-    for ex in dataset.examples:
-        h.update(repr((ex.prompt_ids, ex.completions, ex.labels)).encode())
-    return h.hexdigest()
-
-
-def _with_mismatched(batch: TextBatch) -> TextBatch:
-    """Append candidate K: prompt i with the completion of example i+1 (KTO's KL reference point).
-
-    It shares prompt i's KV cache with the real completions, so z0 costs one extra completion, not an extra
-    forward over the prompts."""
-    rolled_ids = batch.completion_ids[:, :1].roll(1, dims=0)
-    rolled_mask = batch.completion_mask[:, :1].roll(1, dims=0)
-    return TextBatch(batch.prompt_ids, batch.prompt_mask, torch.cat([batch.completion_ids, rolled_ids], 1),
-                     torch.cat([batch.completion_mask, rolled_mask], 1), None, batch.labels, batch.meta,
-                     batch.extras)
-
-
-MASK_HEADS = "sparsepo_mask_heads"  # submodule name on the policy, and ``<name>.pt`` beside the saved model
-
-
-class TextTask:
-    """Method recipe for causal LMs (see the module docstring).
-
-    Token-level methods (``tdpo``, ``sparsepo``, ``sparsepo_activation``; research/llm_losses.md §5) need the
-    reference's per-token distribution, not only its sequence log-probs: :meth:`score` then also returns each
-    model's final hidden states at the completion positions (and, for the reference of a SparsePO run, every
-    layer's), and :meth:`loss` turns the two sets of states into per-token KL(pi_ref || pi) chunk by chunk
-    (:func:`~mmalign.adapters.causal_lm.token_kl_from_states`). SparsePO's learned mask heads
-    (:class:`~mmalign.methods.text_losses.SparseMaskHeads`) are a submodule of the policy, so the one optimizer
-    trains them with it (repo: joint training; its separate ``mask_weight_decay`` is not offered, the heads get
-    ``optim.weight_decay``), checkpoints hold them, and :meth:`save_pretrained` writes them to
-    ``sparsepo_mask_heads.pt`` beside the model. ``reference.strategy=precomputed`` caches sequence scores
-    only and is refused for these methods.
-    """
+    family_cls = CausalLMFamily
 
     def __init__(self, cfg: TrainConfig, *, tokenizer=None, model: nn.Module | None = None):
-        self.cfg = cfg
-        methods = _check_methods(cfg)  # every loss name and option of every stage, before anything is built
-        self.method = get_text_method(cfg.loss.name)
-        # The loop builds the reference once, before the first stage: a run whose later stage needs one (SFT
-        # then DPO) must have it; configure_stage then says per stage whether to run its forward.
-        self.needs_reference = any(m.needs_reference for m in methods)
-        self.loss_kwargs = dict(cfg.loss.kwargs)
-        self.sft_weight, self.retain_weight = cfg.loss.sft_weight, cfg.loss.retain_weight
-        self.merged = False  # a LoRA adapter was merged into the in-memory base (stage.merge_lora)
-        self.tokenizer = tokenizer or build_tokenizer(cfg)
-        self.model = model or build_model(cfg, self.tokenizer, value_head=self.method.value_head)
-        self.token_options = self._token_setup(cfg, methods)
-        self._ref_model: nn.Module | None = None  # a frozen/moving reference copy, seen when it scores a batch
-        self.mask_heads: SparseMaskHeads | None = None
-        if any(m.token_masks == "learned" for m in methods):
-            self.mask_heads = self._build_mask_heads()
-            self._attach_mask_heads()
+        super().__init__(cfg, tokenizer=tokenizer, model=model)
 
-    # -- token-level methods ------------------------------------------------------------------------------
-    @staticmethod
-    def _token_setup(cfg: TrainConfig, methods: list[TextMethod]) -> TokenOptions:
-        if not any(m.token_kl for m in methods):
-            return TokenOptions()
-        opts = from_dict(TokenOptions, dict(cfg.options or {}), source="options")
-        errors = []
-        if cfg.reference.strategy == "precomputed":
-            errors.append("reference.strategy=precomputed caches sequence log-probs only, but loss "
-                          f"{cfg.loss.name!r} (token-level) needs the reference's per-token distribution and "
-                          "activations at every step; use reference.strategy=copy, or adapter with lora.enabled=true")
-        if opts.kl_chunk_size < 1:
-            errors.append(f"options.kl_chunk_size={opts.kl_chunk_size} must be >= 1 (typical: 512-4096)")
-        if not 0.0 <= opts.mask_dropout < 1.0:
-            errors.append(f"options.mask_dropout={opts.mask_dropout} must be in [0, 1)")
-        if opts.mask_max is not None and not opts.mask_max > 0:
-            errors.append(f"options.mask_max={opts.mask_max} must be > 0 or null (unbounded, as the repo)")
-        if not opts.mask_init > 0:
-            errors.append(f"options.mask_init={opts.mask_init} must be > 0 (0 starts every ReLU dead)")
-        if errors:
-            raise ConfigError(errors)
-        return opts
+    @property
+    def tokenizer(self):
+        return self.family.tokenizer
 
-    def _build_mask_heads(self) -> SparseMaskHeads:
-        config = unwrap_causal_lm(self.model).lm.config
-        config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        o = self.token_options
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.cfg.run.seed)
-            heads = SparseMaskHeads(config.hidden_size, config.num_hidden_layers, n_masks=2 if o.independent_masks
-                                    else 1, dropout=o.mask_dropout, max_value=o.mask_max, init=o.mask_init)
-        param = next(self.model.parameters())
-        return heads.to(device=param.device)
-
-    def _attach_mask_heads(self) -> None:
-        # A submodule of the policy: the loop's optimizer, DDP and checkpoints see it; PEFT froze the model's own
-        # weights before it was added, so its parameters stay trainable.
-        self.mask_heads.requires_grad_(True)
-        self.model.add_module(MASK_HEADS, self.mask_heads)
-
-    def _token_extras(self, policy: Scores, reference: Scores) -> Scores:
-        """The policy's Scores plus ``token_kl`` = KL(pi_ref || pi) per token and the SparsePO masks."""
-        if "states" not in policy.extras or reference is None or "states" not in reference.extras:
-            raise ValueError(f"loss {self.method.name!r} needs hidden states from TextTask.score for the policy "
-                             "and the reference (reference.strategy copy, sync, ema or adapter)")
-        ref_model = self._ref_model  # None: the PEFT policy with its adapter disabled
-        if ref_model is None and self.cfg.reference.strategy not in ("adapter", "auto"):
-            raise RuntimeError("per-token KL: the reference model has not scored a batch yet")
-        kl = token_kl_from_states(self.model, ref_model, policy.extras["states"], reference.extras["states"],
-                                  policy.token_mask, chunk_size=self.token_options.kl_chunk_size,
-                                  direction="ref_policy")
-        extras = {k: v for k, v in policy.extras.items() if k not in ("states", "layer_states")}
-        extras["token_kl"] = kl
-        if self.method.token_masks:
-            layers = reference.extras.get("layer_states")
-            if layers is None:
-                raise ValueError(f"loss {self.method.name!r} needs the reference's layer activations")
-            valid = policy.token_mask
-            if self.method.token_masks == "learned":
-                masks = self.mask_heads(layers) * valid[..., None]  # [B, K, C, n_masks]
-                extras["reward_mask"] = masks[..., 0]
-                if masks.shape[-1] > 1:
-                    extras["kl_mask"] = masks[..., 1]
-            else:
-                from ..losses import activation_token_mask
-
-                B, K, C, L, H = layers.shape
-                per_layer = [layers[..., i, :].reshape(B * K, C, H) for i in range(L)]
-                extras["reward_mask"] = activation_token_mask([per_layer], valid.reshape(B * K, C)).view(B, K, C)
-        return Scores(policy.logps, policy.token_logps, policy.token_mask, policy.lengths, policy.values,
-                      policy.embeddings, extras)
-
-    # -- data ---------------------------------------------------------------------------------------------
-    def _dataset(self, sources, dc, *, fmt: str | None = None):
-        from ..data.text import build_text_dataset
-
-        return build_text_dataset(sources, self.tokenizer, format=fmt or dc.format, limit=dc.limit,
-                                  max_length=dc.max_length, max_prompt_length=dc.max_prompt_length,
-                                  truncation=dc.truncation, skip_bad_rows=dc.skip_bad_rows)
-
-    def stage_data(self, stage: StageConfig) -> StageData:
-        dc = self.cfg.data
-        fmt = dc.format if dc.format != "auto" else self.method.data_format
-        train, stats = self._dataset(stage.train or dc.train, dc, fmt=fmt)
-        eval_ds = None
-        if dc.eval:  # its counts go to the logs too: skipped eval rows must not vanish silently
-            eval_ds, eval_stats = self._dataset(dc.eval, dc, fmt=fmt)
-            stats.update({f"eval/{k}": v for k, v in eval_stats.items()})
-        aux = None
-        if self.method.name in UNLEARNING and self.cfg.retain is not None and self.cfg.retain.train:
-            aux, retain_stats = self._dataset(self.cfg.retain.train, self.cfg.retain, fmt="sft")
-            stats.update({f"retain/{k}": v for k, v in retain_stats.items()})
-        return StageData(train=train, collate=train.collate, eval=eval_ds, aux=aux, stats=stats,
-                         key=_content_key(train), eval_key=_content_key(eval_ds) if eval_ds is not None else "")
-
-    def configure_stage(self, stage: StageConfig) -> None:
-        """Apply ``stage.loss`` (name, kwargs, sft_weight, retain_weight; all checked in ``__init__``)."""
-        name, self.loss_kwargs, self.sft_weight, self.retain_weight = _stage_loss(self.cfg, stage)
-        self.method = get_text_method(name)
-        self.needs_reference = self.method.needs_reference
-
-    # -- scores and loss ----------------------------------------------------------------------------------
-    def score(self, model: nn.Module, batch: TextBatch) -> Scores:
-        if self.method.token_kl:
-            if unwrap_causal_lm(model).lm is not unwrap_causal_lm(self.model).lm:
-                self._ref_model = model  # a frozen or moving copy: its lm_head forms the reference logits
-            # Layer activations are read from the reference only (no grad: the loop scores it under no_grad).
-            layers = bool(self.method.token_masks) and not torch.is_grad_enabled()
-            return score_batch(model, batch, return_states=True, return_layer_states=layers)
-        if self.method.mismatched_kl and batch.completion_ids.shape[0] > 1:
-            s = score_batch(model, _with_mismatched(batch), compute_values=self.method.value_head)
-            k = batch.num_candidates
-            return Scores(logps=s.logps[:, :k], token_logps=s.token_logps[:, :k], token_mask=s.token_mask[:, :k],
-                          lengths=s.lengths[:, :k], extras={"kl_logps": s.logps[:, k].detach()})
-        return score_batch(model, batch, compute_values=self.method.value_head)
-
-    def loss(self, policy: Scores, reference: Scores | None, batch: TextBatch, aux: Scores | None = None):
-        if self.method.token_kl:
-            policy = self._token_extras(policy, reference)
-        return text_loss(self.method, policy, reference, batch, self.loss_kwargs, sft_weight=self.sft_weight,
-                         retain=aux, retain_weight=self.retain_weight)
-
-    # -- model lifecycle ----------------------------------------------------------------------------------
-    def save_pretrained(self, model: nn.Module, path: Path, state_dict: dict | None = None) -> None:
-        """``save_pretrained`` the model and tokenizer. A LoRA policy is saved as its adapter (TRL's layout);
-        when the adapter's base exists only in memory (a random ``tiny`` model, or a base that earlier stages'
-        adapters were merged into) that base is saved to ``path/base`` too and the adapter points at it, so
-        ``load_causal_lm(path)`` / ``PeftModel.from_pretrained`` reproduce the trained model. SparsePO's mask
-        heads go to ``sparsepo_mask_heads.pt`` (state dict + shape), not into the HF checkpoint.
-        ``state_dict``: the full weights of a sharded run (keys relative to ``model``), written instead of the
-        model's own tensors."""
-        from ..models.text import save_causal_lm
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        heads = model._modules.pop(MASK_HEADS, None)  # saved on their own: not part of the HF checkpoint
-        heads_state = None if heads is None else (
-            heads.state_dict() if state_dict is None else sub_state_dict(state_dict, f"{MASK_HEADS}."))
-        if state_dict is not None:
-            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(f"{MASK_HEADS}.")}
-        try:
-            save_causal_lm(model, self.tokenizer, path, state_dict=state_dict,
-                           in_memory_base=self.cfg.model.name_or_path == "tiny" or self.merged)
-        finally:
-            if heads is not None:
-                model.add_module(MASK_HEADS, heads)
-        if heads is not None:
-            torch.save({"state_dict": heads_state, "hidden_size": heads.norm.normalized_shape[0],
-                        "num_layers": heads.num_layers, "n_masks": heads.n_masks, "max_value": heads.max_value},
-                       path / f"{MASK_HEADS}.pt")
-
-    def merge_lora(self) -> None:
-        from ..models.text import ValueHeadModel, apply_lora
-
-        holder = self.model if isinstance(self.model, ValueHeadModel) else None  # reward models: LoRA on .base
-        peft_model = holder.base if holder is not None else self.model
-        if not hasattr(peft_model, "merge_and_unload"):
-            raise ConfigError("stage.merge_lora needs lora.enabled=true")
-        lc = self.cfg.lora
-        merged = apply_lora(peft_model.merge_and_unload(), r=lc.r, alpha=lc.alpha, dropout=lc.dropout,
-                            target_modules=lc.target_modules)
-        self.merged = True
-        if holder is not None:
-            holder.base = merged
-        else:
-            self.model = merged
-        if self.mask_heads is not None:  # merge_and_unload dropped the wrapper that held them
-            self._attach_mask_heads()
+    @property
+    def mask_heads(self):
+        """SparsePO's learned mask heads (a submodule of the policy), or None."""
+        return self.family.mask_heads

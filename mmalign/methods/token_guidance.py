@@ -68,9 +68,9 @@ from ..losses import (
     token_weighted_nll,
 )
 from ..schema import StageConfig, TrainConfig
-from ..train.loop import StageData
 from ..types import Scores
 from .rewards import TokenRewardModel, flat_sequences, load_reward_fn
+from .task import StageData, Task
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def policy_logps_entropy(policy: nn.Module, batch: TextBatch) -> tuple[Tensor, T
 
 # -- the recipe ---------------------------------------------------------------------------------------------
 
-class TokenGuidanceTask:
+class TokenGuidanceTask(Task):
     """Task for ``loss.name: token_guidance`` (see the module docstring)."""
 
     def __init__(self, cfg: TrainConfig, *, tokenizer=None, policy: nn.Module | None = None,

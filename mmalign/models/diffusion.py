@@ -1,5 +1,5 @@
-"""Diffusion model builders: real diffusers checkpoints, LoRA, and (re-exported from :mod:`.diffusion_tiny`) tiny
-random-init components for CPU tests/demos.
+"""Diffusion model builders: real diffusers checkpoints and LoRA. The tiny random-init components for CPU
+tests/demos are built in :mod:`mmalign.models.diffusion_tiny`, which imports this module (never the reverse).
 
 Three model kinds share one :class:`DiffusionComponents` container:
 
@@ -24,7 +24,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -39,32 +39,12 @@ __all__ = [
     "KINDS",
     "DiffusionComponents",
     "apply_lora",
-    "build_tiny_clip_tokenizer",
-    "build_tiny_components",
-    "build_tiny_pipeline_dir",
     "detect_kind",
     "load_diffusion_components",
     "lora_layers_for_diffusers",
     "pipeline_class",
     "save_lora",
 ]
-
-
-# The tiny builders live in .diffusion_tiny, which imports DiffusionComponents from here; they are re-exported
-# lazily (PEP 562) so that ``from mmalign.models.diffusion import build_tiny_components`` keeps working without a
-# circular import, whichever of the two modules is imported first. Type checkers see them through this import.
-if TYPE_CHECKING:
-    from .diffusion_tiny import build_tiny_clip_tokenizer, build_tiny_components, build_tiny_pipeline_dir
-
-_TINY = ("build_tiny_clip_tokenizer", "build_tiny_components", "build_tiny_pipeline_dir")
-
-
-def __getattr__(name: str):
-    if name in _TINY:
-        from . import diffusion_tiny
-
-        return getattr(diffusion_tiny, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -412,7 +392,7 @@ def save_lora(peft_model: nn.Module, kind: str, path: str | os.PathLike, state_d
 def save_denoiser_run(components, model: nn.Module, path: str | os.PathLike, *, info: dict,
                       tiny_base: nn.Module | None = None, state_dict: dict | None = None) -> Path:
     """The final layout of every diffusion run (Diffusion-DPO/NPO/SFT and Self-NPO), which the sampler and
-    :mod:`mmalign.methods.npo` read: LoRA → ``pytorch_lora_weights.safetensors`` (``load_lora_weights``);
+    :mod:`mmalign.models.npo_weights` read: LoRA → ``pytorch_lora_weights.safetensors`` (``load_lora_weights``);
     full → the denoiser as a diffusers subfolder (``unet/`` or ``transformer/``); a tiny base, which cannot be
     rebuilt from a hub id, → ``base_pipeline/``; the training scheduler → ``scheduler/`` (read back by
     :func:`mmalign.sample.diffusion.load_components`); ``info`` (+ kind, prediction type, format, base) →

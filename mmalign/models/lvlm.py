@@ -2,7 +2,8 @@
 
 Both read the same inputs, ``input_ids`` with ``num_image_tokens`` copies of an ``<image>`` placeholder right
 after BOS, plus ``pixel_values`` ``[B, C, H, W]``; the placeholders' embeddings are replaced by image features
-(LLaVA's ``masked_scatter`` rule), so one scoring function serves both (:func:`score_captions`):
+(LLaVA's ``masked_scatter`` rule), so one scorer serves both (the LVLM family's adapter,
+:mod:`mmalign.adapters.lvlm`, which also encodes each image once and shares it across candidates):
 
 - ``"llava"`` (with a visual encoder, PRIOR's H-LVLM setting): ``transformers``' ``LlavaForConditionalGeneration``
   (CLIP vision tower → MLP projector → Llama/Qwen LM). :func:`build_tiny_lvlm` makes a random one in-process
@@ -19,7 +20,8 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,9 +30,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..adapters.causal_lm import unwrap_causal_lm
-from ..data.batches import TextBatch
-from ..types import Scores
 from .text import _DTYPE_KWARG, DTYPES, build_tiny_causal_lm, load_causal_lm, tiny_llama_config
 
 IMAGE_TOKEN = "<image>"
@@ -102,12 +101,30 @@ class PatchLVLM(nn.Module):
         self.image_size, self.patch_size, self.num_channels = image_size, patch_size, num_channels
         self.image_token_id = image_token_id
         self.image_mean, self.image_std = list(image_mean), list(image_std)
-        hidden = unwrap_causal_lm(lm).lm.config.get_text_config().hidden_size
+        hidden = _base_lm(lm).config.get_text_config().hidden_size
         self.patch_embed = nn.Linear(num_channels * patch_size * patch_size, hidden)
 
     @property
     def config(self):
-        return unwrap_causal_lm(self.lm).lm.config
+        return self.language_model.config
+
+    @property
+    def language_model(self) -> nn.Module:
+        """The transformers causal LM under a PEFT wrapper (LoRA layers, if any, stay injected in it)."""
+        return _base_lm(self.lm)
+
+    @property
+    def peft_config(self):
+        """The LM's PEFT config when it carries an adapter (so the loop's adapter reference sees one)."""
+        if not hasattr(self.lm, "peft_config"):
+            raise AttributeError("PatchLVLM.peft_config: the language model has no PEFT adapter")
+        return self.lm.peft_config
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """The LM's LoRA off (the patch embedding is outside the adapter: freeze it for an adapter reference)."""
+        with self.lm.disable_adapter():
+            yield
 
     @property
     def num_image_tokens(self) -> int:
@@ -127,8 +144,13 @@ class PatchLVLM(nn.Module):
         x = pixel_values.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
         return x.reshape(B, (H // p) * (W // p), C * p * p)
 
+    def image_features(self, pixel_values: Tensor) -> Tensor:
+        """``[B, C, H, W]`` → ``[B, N, hidden]``: one LM embedding per patch, for the placeholder positions."""
+        w = self.patch_embed.weight
+        return self.patch_embed(self.patchify(pixel_values.to(w.device, w.dtype)))
+
     def embed(self, input_ids: Tensor, pixel_values: Tensor | None) -> Tensor:
-        embeds = unwrap_causal_lm(self.lm).lm.get_input_embeddings()(input_ids)
+        embeds = self.language_model.get_input_embeddings()(input_ids)
         slots = input_ids == self.image_token_id
         if pixel_values is None:
             if slots.any():
@@ -138,13 +160,12 @@ class PatchLVLM(nn.Module):
         if bool((counts != self.num_image_tokens).any()):
             raise ValueError(f"PatchLVLM: every row needs {self.num_image_tokens} <image> placeholders (one per "
                              f"patch); got {counts.tolist()}")
-        w = self.patch_embed.weight
-        feats = self.patch_embed(self.patchify(pixel_values.to(w.device, w.dtype)))
+        feats = self.image_features(pixel_values)
         return embeds.masked_scatter(slots[..., None], feats.to(embeds.dtype))
 
     def hidden_states(self, input_ids: Tensor, pixel_values: Tensor | None, attention_mask: Tensor | None = None,
                       position_ids: Tensor | None = None) -> Tensor:
-        decoder = unwrap_causal_lm(self.lm).decoder
+        decoder = _decoder(self.language_model)
         out = decoder(inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=attention_mask,
                       position_ids=position_ids, use_cache=False)
         return out.last_hidden_state
@@ -156,7 +177,7 @@ class PatchLVLM(nn.Module):
                        position_ids=position_ids, labels=labels, **kwargs)
 
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
-        unwrap_causal_lm(self.lm).lm.gradient_checkpointing_enable(**kwargs)
+        self.language_model.gradient_checkpointing_enable(**kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict | None = None,
                         **kwargs: Any) -> None:
@@ -189,6 +210,15 @@ class PatchLVLM(nn.Module):
         state = load_file(str(path / PATCH_WEIGHTS_FILE))
         model.patch_embed.load_state_dict(state)
         return model.to(dtype=next(model.lm.parameters()).dtype)
+
+
+def _base_lm(lm: nn.Module) -> nn.Module:
+    """A causal LM under an optional PEFT wrapper."""
+    return lm.get_base_model() if hasattr(lm, "peft_config") and hasattr(lm, "get_base_model") else lm
+
+
+def _decoder(lm: nn.Module) -> nn.Module:
+    return lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
 
 
 # -- builders -----------------------------------------------------------------------------------------------
@@ -364,7 +394,7 @@ def _base_is_loadable(model: nn.Module) -> bool:
     """True when a PEFT adapter's base model can be found again on disk (not a tiny in-process model)."""
     base = unwrap_lvlm(model)
     inner = base.lm if isinstance(base, PatchLVLM) else base
-    inner = unwrap_causal_lm(inner).lm if isinstance(base, PatchLVLM) else inner
+    inner = base.language_model if isinstance(base, PatchLVLM) else inner
     name = getattr(getattr(inner, "config", None), "_name_or_path", "") or ""
     return bool(name) and Path(name).is_dir()
 
@@ -399,7 +429,7 @@ def extract_language_model(model: nn.Module) -> nn.Module:
     """The LVLM's text-only causal LM (shares the weights, no copy): the natural start of a PRIOR reference."""
     base = unwrap_lvlm(model)
     if isinstance(base, PatchLVLM):
-        return unwrap_causal_lm(base.lm).lm
+        return base.language_model
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -407,42 +437,3 @@ def extract_language_model(model: nn.Module) -> nn.Module:
     lm.model = base.model.language_model
     lm.lm_head = base.lm_head
     return lm
-
-
-# -- scoring ------------------------------------------------------------------------------------------------
-
-
-def lvlm_hidden_states(model: nn.Module, input_ids: Tensor, pixel_values: Tensor, attention_mask: Tensor,
-                       position_ids: Tensor) -> tuple[Tensor, nn.Module]:
-    """Final hidden states ``[B, L, H]`` and the ``lm_head`` of either LVLM kind (through DDP/PEFT)."""
-    base = unwrap_lvlm(model)
-    if isinstance(base, PatchLVLM):
-        return base.hidden_states(input_ids, pixel_values, attention_mask, position_ids), \
-            unwrap_causal_lm(base.lm).lm_head
-    dtype = base.model.vision_tower.dtype
-    out = base.model(input_ids=input_ids, pixel_values=pixel_values.to(dtype), attention_mask=attention_mask,
-                     position_ids=position_ids, use_cache=False)
-    return out.last_hidden_state, base.get_output_embeddings()
-
-
-def score_captions(model: nn.Module, batch: TextBatch) -> Scores:
-    """Per-token log-probs of the caption (candidate 0 of ``batch``) given the image and the prompt.
-
-    ``batch``: left-padded prompts that already hold the image placeholders, right-padded captions ``[B, 1, C]``,
-    ``extras["pixel_values"]`` ``[B, C, H, W]``. Positions count real tokens only (left pads do not shift
-    RoPE). Logits are formed only at caption positions, in fp32 (``[tokens, V]``, not ``[B, L, V]``).
-    """
-    prompt_ids, comp_ids = batch.prompt_ids, batch.completion_ids[:, 0]
-    comp_mask = batch.completion_mask[:, 0].bool()
-    ids = torch.cat([prompt_ids, comp_ids], 1)
-    mask = torch.cat([batch.prompt_mask.long(), comp_mask.long()], 1)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    hidden, head = lvlm_hidden_states(model, ids, batch.extras["pixel_values"], mask, pos)
-    P = prompt_ids.shape[1]
-    states = hidden[:, P - 1 : -1][comp_mask]  # state at t predicts token t+1
-    logits = head(states).float()
-    picked = logits.gather(-1, comp_ids[comp_mask][:, None]).squeeze(-1) - logits.logsumexp(-1)
-    token_logps = torch.zeros(comp_ids.shape, dtype=torch.float32, device=comp_ids.device)
-    token_logps = token_logps.masked_scatter(comp_mask, picked)
-    return Scores(logps=token_logps.sum(-1, keepdim=True), token_logps=token_logps[:, None],
-                  token_mask=comp_mask[:, None], lengths=comp_mask.sum(-1, keepdim=True))

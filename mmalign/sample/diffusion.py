@@ -1,7 +1,7 @@
 """Image sampling for qualitative checks and evaluation, with **NPO-guided classifier-free guidance**.
 
 Diffusion-NPO (arXiv 2505.11245) and Self-NPO (arXiv 2505.11777) replace the model of the unconditional CFG
-branch with a *negative* model θ_neg (built by :mod:`mmalign.methods.npo`)::
+branch with a *negative* model θ_neg (built by :mod:`mmalign.models.npo_weights`)::
 
     ε̃ = ε_neg(x_t, ∅) + w · (ε_pos(x_t, c) − ε_neg(x_t, ∅))            (w = diffusers' guidance_scale)
 
@@ -350,7 +350,7 @@ def load_components(path: str | Path, *, dtype: str = "float32"):
 def npo_offset_from(path: str | Path, components) -> dict[str, Tensor]:
     """δ = θ_npo − θ_base from an offset directory (``npo_offset.safetensors``) or an NPO model directory
     (Diffusion-NPO or Self-NPO run, full weights or LoRA)."""
-    from ..methods import npo
+    from ..models import npo_weights as npo
 
     path = Path(path)
     if (path / npo.OFFSET_FILE).is_file() or path.suffix == ".safetensors":

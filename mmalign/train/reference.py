@@ -19,7 +19,6 @@ the new reference at a stage boundary. Strategies:
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 import logging
@@ -31,6 +30,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+# The hashes live at the bottom of the package (any layer keys caches with them); re-exported for old imports.
+from ..hashing import batches_hash as batches_hash
+from ..hashing import model_hash
+from ..hashing import tensor_hash as tensor_hash
 from ..types import Scores
 
 log = logging.getLogger(__name__)
@@ -153,38 +156,6 @@ class AdapterReference(Reference):
         # With an adapter reference the base *is* the reference: re-anchoring means merging the adapter into
         # the base, which the loop does at stage boundaries when merge_lora is set.
         log.info("adapter reference re-anchored through the LoRA merge at the stage boundary")
-
-
-def tensor_hash(tensors: Iterable[torch.Tensor], h=None) -> str:
-    """sha256 over the raw bytes of tensors (order matters)."""
-    h = h or hashlib.sha256()
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(str((tuple(t.shape), str(t.dtype))).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim too
-    return h.hexdigest()
-
-
-def _batch_tensors(batch) -> Iterable[torch.Tensor]:
-    values = ([getattr(batch, f.name) for f in dataclasses.fields(batch)] if dataclasses.is_dataclass(batch)
-              else list(vars(batch).values()))
-    for v in values:
-        if torch.is_tensor(v):
-            yield v
-        elif isinstance(v, dict):
-            yield from (v[k] for k in sorted(v) if torch.is_tensor(v[k]))
-
-
-def batches_hash(batches: Iterable) -> str:
-    """sha256 over every tensor of collated batches: a content key for data the task gave no key for."""
-    h = hashlib.sha256()
-    for batch in batches:
-        tensor_hash(_batch_tensors(batch), h)
-    return h.hexdigest()
-
-
-def model_hash(model: nn.Module) -> str:
-    return tensor_hash(v for _, v in sorted(_unwrap(model).state_dict().items()))
 
 
 class PrecomputedReference(Reference):

@@ -115,7 +115,8 @@ def run_open_clip(spec: dict, marks: list, losses: list) -> None:
 def run_mmalign(spec: dict, marks: list, losses: list, out_dir: str) -> None:
     from mmalign.api import load_train_config
     from mmalign.methods.clip import ClipTask
-    from mmalign.train.loop import StageData, fit
+    from mmalign.methods.task import StageData
+    from mmalign.train.loop import fit
 
     bundle, pixels, ids, mask = _data(spec)
 

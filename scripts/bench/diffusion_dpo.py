@@ -52,7 +52,8 @@ def build_components(shape: str):
     """Random components: ``quick`` (tiny), ``reduced`` (SD1.5 widths, 3 blocks × 1 layer) or ``sd15``."""
     import torch
 
-    from mmalign.models.diffusion import DiffusionComponents, build_tiny_clip_tokenizer, build_tiny_components
+    from mmalign.models.diffusion import DiffusionComponents
+    from mmalign.models.diffusion_tiny import build_tiny_clip_tokenizer, build_tiny_components
 
     if shape == "quick":
         return build_tiny_components("unet", seed=SEED), 16

@@ -1,5 +1,5 @@
-"""CLIP recipes without training: the method table, loss compositions, teacher wiring, trainable logit
-parameters, weight averaging and WiSE-FT of the saved weights."""
+"""CLIP recipes without training: the contrastive rows of the one METHODS table, loss compositions, teacher wiring,
+trainable logit parameters, weight averaging and WiSE-FT of the saved weights, the resumable RaFA stream."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from mmalign.adapters.contrastive import score_contrastive
 from mmalign.api import load_train_config
 from mmalign.config import ConfigError
 from mmalign.losses import clip_contrastive, hycd, rafa
-from mmalign.methods.clip_losses import CLIP_METHODS, clip_method_loss, get_clip_method, resolve_kwargs
+from mmalign.methods.clip_losses import CLIP_REFINE_DEFAULTS, ZSCL_DEFAULTS, clip_refine_row, zscl_row
 from mmalign.types import Scores
 
 from .conftest import ASSETS
@@ -32,15 +32,27 @@ def _scores(n=6, d=5, seed=0, teacher=True) -> Scores:
     return Scores(logps=torch.zeros(n, 1), embeddings={"image": img, "text": txt}, extras=extras)
 
 
-def test_method_table_and_kwargs():
-    assert sorted(CLIP_METHODS) == ["clip", "clip_refine", "siglip", "zscl"]
+def _kw(defaults: dict, *, normalize: bool, gen=None, l2=None, **over) -> dict:
+    """A row's kwargs as the dual-encoder family's loss_kwargs completes them."""
+    return {**defaults, **over, "normalize": normalize, "local_loss": False, "rafa_generator": lambda device: gen,
+            "l2": l2}
+
+
+def test_rows_and_kwargs_checked_at_config_load(tmp_path):
+    from mmalign.adapters.contrastive_family import DualEncoderFamily
+    from mmalign.methods.clip import ClipTask
+    from mmalign.methods.table import METHODS, valid_names
+
+    assert valid_names(DualEncoderFamily) == ["clip", "clip_refine", "siglip", "zscl"]
+    assert METHODS["clip_refine"].defaults["contrastive_weight"] == 0.0  # the released config
+    assert METHODS["zscl"].aux == "scores" and all(METHODS[n].needs == {"embeddings"} for n in valid_names(
+        DualEncoderFamily))
     with pytest.raises(ConfigError, match="valid: \\['clip', 'clip_refine', 'siglip', 'zscl'\\]"):
-        get_clip_method("clip-refine")
-    m = get_clip_method("clip_refine")
-    assert m.defaults["contrastive_weight"] == 0.0 and not m.normalize and m.needs_teacher  # the released config
-    with pytest.raises(ConfigError, match="does not take.*valid: \\['alpha'"):
-        resolve_kwargs(m, {"beta": 1})
-    assert resolve_kwargs(m, {"alpha": 0.2})["alpha"] == 0.2
+        ClipTask(_cfg(tmp_path, **{"loss.name": "clip-refine"}))
+    with pytest.raises(ConfigError, match="loss.kwargs.beta: not an option of loss 'clip_refine'; valid: \\['alpha'"):
+        ClipTask(_cfg(tmp_path, **{"loss.name": "clip_refine", "loss.kwargs": {"beta": 1}}))
+    t = ClipTask(_cfg(tmp_path, **{"loss.name": "clip_refine", "loss.kwargs": {"alpha": 0.2}}))
+    assert t.loss_kwargs["alpha"] == 0.2 and t.loss_kwargs["hycd_weight"] == 1.0 and t.loss_kwargs["normalize"] is False
 
 
 def test_hycd_alpha1_t1_is_the_clip_loss(tiny_bundle):
@@ -61,12 +73,11 @@ def test_rafa_zero_iff_both_features_equal_the_reference():
 
 
 def test_clip_refine_composition_and_resampled_shared_targets():
-    m = get_clip_method("clip_refine")
-    kw = resolve_kwargs(m, {})
     s = _scores()
     gen = torch.Generator().manual_seed(7)
-    out1 = clip_method_loss(m, s, kw, normalize=False, generator=gen)
-    out2 = clip_method_loss(m, s, kw, normalize=False, generator=gen)
+    kw = _kw(CLIP_REFINE_DEFAULTS, normalize=False, gen=gen)
+    out1 = clip_refine_row(s, None, None, kw)
+    out2 = clip_refine_row(s, None, None, kw)
     assert out1.metrics["loss/rafa"] != out2.metrics["loss/rafa"]  # new targets every call (every step)
     assert torch.allclose(out1.loss, out1.metrics["loss/rafa"] + out1.metrics["loss/hycd"])  # λ_cont = 0
     assert "loss/contrastive" in out1.metrics and "geometry/modality_gap" in out1.metrics
@@ -79,24 +90,23 @@ def test_clip_refine_composition_and_resampled_shared_targets():
 
 
 def test_zscl_composition_with_reference_images():
-    m = get_clip_method("zscl")
-    kw = resolve_kwargs(m, {"l2_weight": 0.5})
+    kw = _kw(ZSCL_DEFAULTS, normalize=True, l2=lambda: torch.tensor(2.0), l2_weight=0.5)
     s = _scores(teacher=False)
     aux = Scores(logps=torch.zeros(6, 0), embeddings={"image": torch.randn(6, 5, requires_grad=True)},
                  extras={"teacher_image": torch.randn(6, 5), "teacher_anchors": torch.randn(9, 5)})
-    out = clip_method_loss(m, s, kw, normalize=True, aux=aux, l2=torch.tensor(2.0))
+    out = zscl_row(s, None, None, kw, aux=aux)
     assert set(out.metrics) >= {"loss/contrastive", "loss/zscl", "loss/l2", "zscl/zscl/image"}
     total = out.metrics["loss/contrastive"] + out.metrics["loss/zscl"] + 0.5 * 2.0
     assert torch.allclose(out.loss, total, atol=1e-5)
     out.loss.backward()
     assert aux.embeddings["image"].grad is not None  # the policy's reference-image features are distilled
-    no_aux = clip_method_loss(m, _scores(teacher=False), kw, normalize=True)  # the loop's evaluation: no aux
+    no_aux = zscl_row(_scores(teacher=False), None, None, kw)  # the loop's evaluation: no aux
     assert "loss/zscl" not in no_aux.metrics
 
 
 def test_task_teacher_and_trainable_logit_params(tmp_path):
+    from mmalign.adapters.contrastive import CachedTeacher, CopyTeacher
     from mmalign.methods.clip import ClipTask
-    from mmalign.methods.clip_teacher import CachedTeacher, CopyTeacher
 
     t = ClipTask(_cfg(tmp_path, **{"loss.name": "clip_refine"}))
     assert isinstance(t.teacher, CopyTeacher) and not t.normalize and t.needs_reference is False
@@ -149,3 +159,21 @@ def test_weight_average_sma_wise_and_final_wise_ft(tmp_path):
         t.model.visual.proj.add_(2.0)
     t.after_step(1)  # WiSE with α = 1 is the plain SMA: (θ_0 + θ_1) / 2
     assert torch.allclose(t._avg["visual.proj"], init + 1.0, atol=1e-5)
+
+
+def test_task_state_resumes_the_average_and_the_rafa_stream(tmp_path):
+    """state_dict / load_state_dict (the loop's checkpoint hooks) carry the weight average and the RaFA stream:
+    a restored task draws the very targets the interrupted one would have drawn next."""
+    from mmalign.methods.clip import ClipTask
+
+    cfg = _cfg(tmp_path, **{"loss.name": "clip_refine", "clip.weight_average": "sma", "clip.average_every": 1})
+    t = ClipTask(cfg)
+    gen = t.loss_kwargs["rafa_generator"](torch.device("cpu"))
+    torch.randn(3, generator=gen)
+    t.after_step(1)
+    state = t.state_dict()
+    want = torch.randn(4, generator=gen)
+    t2 = ClipTask(cfg)
+    t2.load_state_dict(state)
+    assert t2._avg_count == 1 and torch.equal(t2._avg["visual.proj"], t._avg["visual.proj"])
+    assert torch.equal(torch.randn(4, generator=t2.loss_kwargs["rafa_generator"](torch.device("cpu"))), want)

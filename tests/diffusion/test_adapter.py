@@ -16,7 +16,8 @@ from mmalign import losses as L
 from mmalign.adapters.diffusion import DiffusionAdapter, make_noise_sampler
 from mmalign.data.batches import ImageBatch
 from mmalign.data.noise import NoiseSampler
-from mmalign.models.diffusion import apply_lora, build_tiny_components
+from mmalign.models.diffusion import apply_lora
+from mmalign.models.diffusion_tiny import build_tiny_components
 from mmalign.train.reference import AdapterReference
 
 LN2 = math.log(2.0)
@@ -197,28 +198,19 @@ def test_loss_parity_with_diffusers_formula(convention):
     hinge = L.diffusion_dpo(mw, ml, rw, rl, beta=beta, beta_convention=convention, loss_type="hinge")
     b_diffusers = L.convert_beta(beta, convention, "diffusers")
     torch.testing.assert_close(hinge.loss, F.relu(1 - b_diffusers * (ref_diff - model_diff)).mean())
-    from mmalign.methods.diffusion import _dpo as task_dpo
+    # The one table's dpo row on the diffusion family's units (logps = −c·err, c = ½ original / 1 diffusers) takes
+    # the user's β as is (the whole task path, bit for bit: tests/diffusion/test_family_units.py).
+    from mmalign.adapters.diffusion_family import LOGP_SCALE
+    from mmalign.methods.table import METHODS
     from mmalign.types import Scores
 
-    p = Scores(logps=-torch.stack([mw, ml], 1))
-    r = Scores(logps=-torch.stack([rw, rl], 1))
-    task_out = task_dpo(p, r, None, {"beta": beta}, convention)
-    torch.testing.assert_close(task_out.loss, expected)
-    diffusers_acc = (inside > 0).float().mean() + 0.5 * (inside == 0).float().mean()
-    torch.testing.assert_close(task_out.metrics["rewards/accuracies_ties_half"], diffusers_acc)
-
-
-def test_plackett_luce_k2_equals_dpo():
-    from mmalign.methods.diffusion import _dpo as task_dpo
-    from mmalign.methods.diffusion import _plackett_luce
-    from mmalign.types import Scores
-
-    g = torch.Generator().manual_seed(1)
-    m, r = torch.rand(5, 2, generator=g) * 0.1, torch.rand(5, 2, generator=g) * 0.1
-    batch = ImageBatch(captions=[""] * 5, labels=torch.tensor([[0.0, 1.0]] * 5), extras={})
-    pl = _plackett_luce(Scores(logps=-m), Scores(logps=-r), batch, {"beta": 3000.0}, "original")
-    dpo = task_dpo(Scores(logps=-m), Scores(logps=-r), batch, {"beta": 3000.0}, "original")
-    torch.testing.assert_close(pl.loss, dpo.loss)
+    c = LOGP_SCALE[convention]
+    ones = torch.ones(8, 2)
+    p = Scores(logps=torch.stack([mw, ml], 1) * -c, lengths=ones)
+    r = Scores(logps=torch.stack([rw, rl], 1) * -c, lengths=ones)
+    row_out = METHODS["dpo"].fn(p, r, None, {"beta": beta})
+    torch.testing.assert_close(row_out.loss, expected)
+    torch.testing.assert_close(METHODS["dpo"].fn(p, r, None, {"beta": beta, "loss_type": "hinge"}).loss, hinge.loss)
 
 
 def test_ragged_candidates_and_sdxl_added_cond():

@@ -9,14 +9,12 @@ import torch
 
 from mmalign.models.diffusion import (
     apply_lora,
-    build_tiny_clip_tokenizer,
-    build_tiny_components,
-    build_tiny_pipeline_dir,
     detect_kind,
     load_diffusion_components,
     pipeline_class,
     save_lora,
 )
+from mmalign.models.diffusion_tiny import build_tiny_clip_tokenizer, build_tiny_components, build_tiny_pipeline_dir
 
 
 def test_tiny_tokenizer_is_a_real_clip_tokenizer():

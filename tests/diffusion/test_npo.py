@@ -1,4 +1,4 @@
-"""NPO weight-offset arithmetic (mmalign.methods.npo): θ_neg = θ_base + α·(θ_pos − θ_base) + β·δ."""
+"""NPO weight-offset arithmetic (mmalign.models.npo_weights): θ_neg = θ_base + α·(θ_pos − θ_base) + β·δ."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from mmalign.methods import npo
+from mmalign.models import npo_weights as npo
 
 from . import perturbed
 

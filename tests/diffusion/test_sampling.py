@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmalign.methods import npo
-from mmalign.models.diffusion import build_tiny_components
+from mmalign.models import npo_weights as npo
+from mmalign.models.diffusion_tiny import build_tiny_components
 from mmalign.sample import diffusion as SD
 
 from . import perturbed
@@ -128,7 +128,7 @@ def test_lora_and_full_run_directories_load_like_a_user_would(tmp_path):
     full-weight run loads with ``from_pretrained``; both resolve their base pipeline from the saved record."""
     import json
 
-    from mmalign.models.diffusion import build_tiny_pipeline_dir
+    from mmalign.models.diffusion_tiny import build_tiny_pipeline_dir
 
     base_dir = build_tiny_pipeline_dir(tmp_path / "base", "unet")
     peft_model = _lora_run_dir(base_dir, tmp_path / "lora")
@@ -160,7 +160,7 @@ def test_cli_sample_diffusion_with_npo(tmp_path):
     from typer.testing import CliRunner
 
     from mmalign.cli import app
-    from mmalign.models.diffusion import build_tiny_pipeline_dir
+    from mmalign.models.diffusion_tiny import build_tiny_pipeline_dir
 
     base_dir = build_tiny_pipeline_dir(tmp_path / "base", "unet")
     _lora_run_dir(base_dir, tmp_path / "dpo")

@@ -71,7 +71,7 @@ def test_from_pretrained_lora_loads_in_pipeline(tmp_path):
     and reproduces the trained policy's predictions."""
     from diffusers import StableDiffusionPipeline
 
-    from mmalign.models.diffusion import build_tiny_pipeline_dir
+    from mmalign.models.diffusion_tiny import build_tiny_pipeline_dir
 
     base = build_tiny_pipeline_dir(tmp_path / "sd-tiny", "unet")
     cfg = tiny_config(tmp_path / "run", model={"name_or_path": str(base)}, optim={"lr": 5e-2})
@@ -96,8 +96,14 @@ def test_from_pretrained_lora_loads_in_pipeline(tmp_path):
     ("kto", "unpaired.jsonl", {"beta": 5000}),
     ("plackett_luce", "ranked.jsonl", {"beta": 5000}),
     ("dpo", "pickapic.parquet", {"beta": 2500, "loss_type": "hinge"}),
+    ("dpo", "pairs.jsonl", {"beta": 5000, "loss_type": "ipo"}),
+    ("diffusion_kto", "unpaired.jsonl", {}),
+    ("listwise", "pairs.jsonl", {"beta": 5000}),
+    ("npo", "sft.jsonl", {"beta": 5000}),
 ])
 def test_methods_train(tmp_path, method, data, kwargs):
+    """Every row runs through the one METHODS table on the diffusion family (aliases included): DPO with any
+    loss_type (IPO here), KTO, Plackett–Luce (ranked lists and pairs), NPO unlearning on single images, SFT."""
     cfg = tiny_config(tmp_path, data={"train": [str(ASSETS / data)]})
     cfg["loss"] = {"name": method, "kwargs": kwargs}
     if method == "sft":
@@ -105,6 +111,46 @@ def test_methods_train(tmp_path, method, data, kwargs):
     summary, task, before = _run(cfg)
     _assert_trained(summary, task, before)
     assert task.needs_reference == (method != "sft")
+
+
+def test_diffusers_convention_trains_with_its_default_beta(tmp_path):
+    """diffusion.beta_convention=diffusers: logps = −err and the default β 2500 (= 5000 original)."""
+    cfg = tiny_config(tmp_path, diffusion={"resolution": 16, "beta_convention": "diffusers"})
+    cfg["loss"] = {"name": "dpo", "kwargs": {}}
+    summary, task, before = _run(cfg)
+    _assert_trained(summary, task, before)
+    assert task.loss_kwargs["beta"] == 2500.0 and task.family.logp_scale == 1.0
+
+
+@pytest.mark.parametrize("name,need,reason", [
+    ("tdpo", "token_logps", "there are no tokens"),
+    ("sparsepo", "token_kl", "no next-token distribution"),
+    ("rm", "values", "no value head"),
+])
+def test_loss_the_family_cannot_feed_is_refused_at_config_load(tmp_path, monkeypatch, name, need, reason):
+    """Refused when the task is built, before any model exists, naming the loss, the family and why."""
+    import mmalign.adapters.diffusion_family as fam
+
+    monkeypatch.setattr(fam, "build_components", lambda cfg: pytest.fail("built a model before the check"))
+    with pytest.raises(ConfigError) as e:
+        build_task(load_train_config(tiny_config(tmp_path, loss={"name": name, "kwargs": {}})))
+    (msg,) = e.value.errors
+    assert msg.startswith(f"loss.name={name!r}: loss {name!r} cannot run on the diffusion family"), msg
+    assert f"({need})" in msg and reason in msg
+
+
+def test_every_stage_problem_is_listed_together(tmp_path):
+    stages = [{"name": "a", "loss": {"name": "tdpo"}}, {"name": "b", "loss": {"name": "rm"}},
+              {"name": "c", "loss": {"name": "sft", "kwargs": {"token_level_mean": True}}},
+              {"name": "d", "loss": {"name": "dpo", "kwargs": {"beta_convention": "diffusers"}}}]
+    with pytest.raises(ConfigError) as e:
+        build_task(load_train_config(tiny_config(tmp_path, stages=stages)))
+    errors = e.value.errors
+    assert len(errors) == 4, errors
+    assert errors[0].startswith("stages.0.loss.name='tdpo': loss 'tdpo' cannot run on the diffusion family")
+    assert errors[1].startswith("stages.1.loss.name='rm': loss 'rm' cannot run on the diffusion family")
+    assert errors[2].startswith("stages.2.loss.kwargs.token_level_mean: a per-token option")
+    assert errors[3].startswith("stages.3.loss.kwargs.beta_convention='diffusers' contradicts")
 
 
 def test_caches_match_uncached_scores_and_are_reused(tmp_path):
@@ -241,7 +287,7 @@ def test_bench_quick(tmp_path):
 def test_trained_scheduler_travels_with_the_model(tmp_path):
     """A base given by path keeps its own scheduler; the run's final/ carries the one it trained with (zero
     terminal SNR and an x0 target here), and the sampler's load_components uses it."""
-    from mmalign.models.diffusion import build_tiny_components
+    from mmalign.models.diffusion_tiny import build_tiny_components
     from mmalign.sample.diffusion import load_components
 
     comps = build_tiny_components("unet", pixel_space=True, seed=0)

@@ -13,9 +13,9 @@ import torch
 from typer.testing import CliRunner
 
 from mmalign.api import build_task, load_train_config, train
+from mmalign.data import warm_colors as W
 from mmalign.data.pairs import build_pairs, curriculum_split, curriculum_stages, shuffled_mix, write_jsonl
 from mmalign.data.rows import DataError, load_rows, parse_rows
-from mmalign.demos import warm_colors as W
 from mmalign.methods.auto_pairs import auto_pairs, resolve_reward
 
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64}

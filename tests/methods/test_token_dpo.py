@@ -1,6 +1,7 @@
 """Token-level DPO (TDPO1/TDPO2, arXiv 2404.11999) and SparsePO (arXiv 2410.05102) wired end to end: the
-adapter's chunked per-token KL against full logits, the papers' invariants through TextTask, SparsePO's mask
-heads, 3-step runs through ``mmalign.train``, and the refusal of the precomputed reference."""
+adapter's chunked per-token KL against full logits, the papers' invariants through TextTask (the causal-LM
+family's ``finish_scores`` forms the per-token KL and masks), SparsePO's mask heads, 3-step runs through
+``mmalign.train``, and the refusal of the precomputed reference."""
 
 from __future__ import annotations
 
@@ -209,7 +210,7 @@ def test_sparsepo_learned_masks_are_in_unit_interval_and_trained_only_through_th
     assert "layer_states" in ref.extras and not ref.extras["layer_states"].requires_grad
     assert "layer_states" not in policy.extras  # the policy's activations are not needed (grad-enabled pass)
     task.model.zero_grad(set_to_none=True)
-    masks = task._token_extras(policy, ref).extras["reward_mask"]
+    masks = task.family.finish_scores(policy, ref, task.method).extras["reward_mask"]
     valid = policy.token_mask
     assert masks.requires_grad and ((masks >= 0) & (masks <= 1)).all() and masks[~valid].abs().sum() == 0
     assert masks[valid].min() < masks[valid].max()  # token-dependent, not a constant
@@ -234,7 +235,8 @@ def test_sparsepo_l1_term_pushes_the_masks_down(files, tmp_path):
         policy = Scores(policy.logps.detach(), policy.token_logps.detach(), policy.token_mask, policy.lengths,
                         extras={k: v.detach() for k, v in policy.extras.items()})
         out = task.loss(policy, ref, batch)
-        means.append(task._token_extras(policy, ref).extras["reward_mask"][policy.token_mask].mean().item())
+        masks = task.family.finish_scores(policy, ref, task.method).extras["reward_mask"]
+        means.append(masks[policy.token_mask].mean().item())
         opt.zero_grad()
         out.loss.backward()
         opt.step()
@@ -254,7 +256,7 @@ def test_sparsepo_activation_masks_are_detached_and_rescaled_per_sequence(files,
     assert task.mask_heads is None
     batch = _batch(task)
     policy, ref = _scores(task, copy.deepcopy(task.model).eval(), batch)
-    masks = task._token_extras(policy, ref).extras["reward_mask"]
+    masks = task.family.finish_scores(policy, ref, task.method).extras["reward_mask"]
     valid = policy.token_mask
     assert not masks.requires_grad and ((masks >= 0) & (masks <= 1)).all() and masks[~valid].abs().sum() == 0
     multi = valid.sum(-1) > 1

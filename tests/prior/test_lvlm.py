@@ -9,9 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mmalign.adapters.lvlm import score_captions
 from mmalign.data.captions import CaptionDataset, read_caption_rows
 from mmalign.methods.prior import prior_loss
-from mmalign.models.lvlm import PatchLVLM, build_tiny_lvlm, load_lvlm, save_lvlm, score_captions
+from mmalign.models.lvlm import PatchLVLM, build_tiny_lvlm, load_lvlm, save_lvlm
 from mmalign.models.text import apply_lora
 from mmalign.models.tokenizer import train_bpe_tokenizer
 

@@ -76,8 +76,9 @@ def test_plain_ntp_with_lora_takes_the_same_path(tmp_path, data):
 def test_checkpoint_lvlm_with_lora_and_its_own_language_model_as_reference(tmp_path, data):
     """The real-checkpoint path: a saved LLaVA directory, LoRA (adapter-only save, since the base is on disk),
     projector trained in full, and the reference started from the LVLM's extracted language model."""
+    from mmalign.adapters.lvlm import score_captions
     from mmalign.methods.prior import build_caption_tokenizer
-    from mmalign.models.lvlm import build_tiny_lvlm, save_lvlm, score_captions
+    from mmalign.models.lvlm import build_tiny_lvlm, save_lvlm
 
     from ._tiny import TINY
 

@@ -10,7 +10,7 @@ import torch
 
 from mmalign.api import build_task, load_train_config, train
 from mmalign.models.text import load_causal_lm
-from mmalign.train import loop
+from mmalign.train import final_save, loop
 
 from .conftest import config
 
@@ -83,7 +83,7 @@ def test_prior_task_writes_the_given_state_dict(tmp_path):
 
 
 class _FakeAccelerator:
-    """What gathered_state_dict / _check_final_save read of accelerate's Accelerator under DeepSpeed."""
+    """What gathered_state_dict / check_final_save read of accelerate's Accelerator under DeepSpeed."""
 
     def __init__(self, gather_flag: bool, state):
         from accelerate.utils import DistributedType
@@ -110,5 +110,5 @@ def test_zero3_without_16bit_gathering_fails_before_training(tmp_path):
 
     cfg = load_train_config(config(tmp_path, ["unused.jsonl"], run={"save_final": True}))
     with pytest.raises(ConfigError, match="zero3_save_16bit_model: true"):
-        loop._check_final_save(_FakeAccelerator(False, None), cfg)
-    loop._check_final_save(_FakeAccelerator(True, None), cfg)  # the shipped zero3 config: fine
+        final_save.check_final_save(_FakeAccelerator(False, None), cfg)
+    final_save.check_final_save(_FakeAccelerator(True, None), cfg)  # the shipped zero3 config: fine

@@ -10,12 +10,14 @@ import torch
 from torch import nn
 
 from mmalign.config import ConfigError
+from mmalign.methods.task import StageData
 from mmalign.schema import OptimConfig, RunConfig, StageConfig, TrainConfig
 from mmalign.train import checkpoint as ckpt
 from mmalign.train.data_order import BatchOrder
-from mmalign.train.loop import StageData, _check_resume, evaluate, fit
+from mmalign.train.loop import evaluate, fit
 from mmalign.train.optim import build_optimizer, build_scheduler
 from mmalign.train.reference import PrecomputedReference, Reference
+from mmalign.train.run_state import check_resume
 
 # -- batch order ------------------------------------------------------------------------------------------
 
@@ -76,15 +78,12 @@ def acc():
     from accelerate import Accelerator
 
     accelerator = Accelerator()
-    accelerator._models.clear()
-    accelerator._optimizers.clear()
     model = nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
     model, opt = accelerator.prepare(model, opt)
     accelerator.unit_model = model
     yield accelerator
-    accelerator._models.clear()
-    accelerator._optimizers.clear()
+    accelerator.free_memory()
 
 
 def _save(accelerator, out: Path, step: int, keep_last: int = 2) -> Path:
@@ -141,11 +140,11 @@ def test_read_extra_names_the_missing_file(tmp_path):
 
 def test_resume_refuses_a_checkpoint_of_other_stages(tmp_path):
     stages = [StageConfig(name="a"), StageConfig(name="b")]
-    _check_resume({"stage_idx": 1, "stage_names": ["a", "b", "c"]}, stages, tmp_path)  # later stages may change
+    check_resume({"stage_idx": 1, "stage_names": ["a", "b", "c"]}, stages, tmp_path)  # later stages may change
     with pytest.raises(ConfigError, match=r"stages \['x', 'b'\].*run.resume=never"):
-        _check_resume({"stage_idx": 1, "stage_names": ["x", "b"]}, stages, tmp_path)
+        check_resume({"stage_idx": 1, "stage_names": ["x", "b"]}, stages, tmp_path)
     with pytest.raises(ConfigError, match="in stage 2 but this config has 2"):
-        _check_resume({"stage_idx": 2}, stages, tmp_path)
+        check_resume({"stage_idx": 2}, stages, tmp_path)
 
 
 def test_fit_refuses_an_accelerator_with_other_accumulation():

@@ -1,6 +1,7 @@
 """Every text method trains end to end through ``mmalign.api.train`` on a tiny Llama.
 
-For each row of :data:`mmalign.methods.text_losses.TEXT_METHODS` (and the DPO ``loss_type`` variants) a run of
+For each row of the one :data:`mmalign.methods.table.METHODS` table that the causal-LM family can feed
+(:data:`mmalign.methods.text_losses.TEXT_METHODS`; and the DPO ``loss_type`` variants) a run of
 3 optimizer steps must move every trainable parameter tensor and log only finite metrics. Reference strategies
 (adapter-disable under LoRA, precomputed, TR-DPO sync, EMA) get the same check plus one that shows the strategy
 is in effect.
@@ -17,6 +18,7 @@ from .conftest import changed_frozen, config, non_finite_metrics, run, unchanged
 # method -> (data file, extra config sections). Unlearning methods get a retain set.
 METHOD_CASES = {
     "dpo": ("pairs", {}),
+    "npo_diffusion": ("pairs", {}),  # Diffusion-NPO's reversed DPO: a table row like any other, so text runs it too
     "tdpo": ("pairs", {}),
     "sparsepo": ("pairs", {}),
     "sparsepo_activation": ("pairs", {}),

@@ -1,5 +1,5 @@
-"""``mmalign eval clip``: geometry, zero-shot and retrieval metrics of CLIP checkpoints (registered on
-:data:`mmalign.cli.eval_app`).
+"""``mmalign eval clip``: geometry, zero-shot and retrieval metrics of CLIP checkpoints (a plain function;
+:mod:`mmalign.cli` registers it from the ``clip`` row of :data:`mmalign.registry.MODALITIES`).
 
     mmalign eval clip --model outputs/clip_refine/final --model ViT-B-32 --pretrained openai.pt \\
         --data coco/captions_val2017.json --image-root coco/val2017 --zeroshot imagenet_val/ --out eval.json
@@ -14,10 +14,7 @@ from typing import Annotated
 
 import typer
 
-from .cli import eval_app
 
-
-@eval_app.command("clip")
 def eval_clip(
     model: Annotated[list[str], typer.Option(help="model directory, 'tiny', or an open_clip name (repeatable)")],
     data: Annotated[list[str], typer.Option(help="image–caption file/dir for geometry + retrieval (repeatable)")]
@@ -35,11 +32,11 @@ def eval_clip(
     """Evaluate one or more CLIP models on image–caption data and/or a zero-shot classification folder."""
     import torch
 
-    from .config import ConfigError
-    from .data.image_text import ImageTextOptions, load_image_text, load_zeroshot
-    from .data.rows import DataError
-    from .eval.clip import evaluate_clip, format_table, write_json
-    from .models.clip import load_clip
+    from ..config import ConfigError
+    from ..data.image_text import ImageTextOptions, load_image_text, load_zeroshot
+    from ..data.rows import DataError
+    from ..eval.clip import evaluate_clip, format_table, write_json
+    from ..models.clip import load_clip
 
     if not data and not zeroshot:
         typer.echo("error: give --data and/or --zeroshot", err=True)

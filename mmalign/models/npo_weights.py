@@ -128,7 +128,8 @@ def load_offset(path: str | Path) -> StateDict:
     if not file.is_file():
         raise FileNotFoundError(
             f"no NPO offset at {path}: expected {OFFSET_FILE} inside the directory (written by "
-            "mmalign.methods.npo.save_offset); for a trained model directory, load the model and call weight_offset"
+            "mmalign.models.npo_weights.save_offset); for a trained model directory, load the model and call "
+            "weight_offset"
         )
     return load_file(str(file))
 

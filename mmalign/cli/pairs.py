@@ -1,5 +1,6 @@
 """``mmalign pairs``: automatic preference pairs from a stronger and a weaker model (Xu et al. 2023,
-arXiv 2310.02263), registered on :data:`mmalign.cli.app`.
+arXiv 2310.02263), and ``mmalign temple-pairs`` (TEMPLE caption-mode pairs): plain functions that :mod:`mmalign.cli`
+registers from the ``text`` row of :data:`mmalign.registry.MODALITIES`.
 
     mmalign pairs --strong outputs/dpo/final --weak outputs/sft/final --prompts prompts.txt --out pairs.jsonl
     mmalign pairs --strong strong.jsonl --weak weak.jsonl --prompts prompts.txt --reward warm_colors \\
@@ -13,8 +14,6 @@ from pathlib import Path
 
 import typer
 
-from .cli import app
-
 
 def _read_prompts(path: str) -> list[str]:
     p = Path(path)
@@ -22,7 +21,7 @@ def _read_prompts(path: str) -> list[str]:
         raise ValueError(f"--prompts {path}: no such file; give a text file with one prompt per line, or a .jsonl "
                          "with a 'prompt' field per row")
     if p.suffix in (".jsonl", ".json", ".parquet"):
-        from .data.rows import load_rows
+        from ..data.rows import load_rows
 
         out = []
         for file, n, row in load_rows(p):
@@ -33,7 +32,6 @@ def _read_prompts(path: str) -> list[str]:
     return [line for line in p.read_text().splitlines() if line.strip()]
 
 
-@app.command()
 def pairs(
     strong: str = typer.Option(..., help="stronger model: checkpoint directory, or a responses .jsonl "
                                          "({prompt, completion} per row, same prompts)"),
@@ -51,9 +49,9 @@ def pairs(
     chat: bool = typer.Option(False, help="wrap prompts in the tokenizer's chat template"),
 ) -> None:
     """Pair each prompt's strong and weak responses (strong = chosen), with a difficulty per pair."""
-    from .data.pairs import curriculum_stages, write_jsonl
-    from .data.rows import DataError
-    from .methods.auto_pairs import auto_pairs
+    from ..data.pairs import curriculum_stages, write_jsonl
+    from ..data.rows import DataError
+    from ..methods.auto_pairs import auto_pairs
 
     try:
         prompt_list = _read_prompts(prompts)
@@ -78,7 +76,6 @@ def pairs(
     typer.echo(json.dumps(result, indent=1))
 
 
-@app.command("temple-pairs")
 def temple_pairs(
     model: str = typer.Option(..., help="text model writing the video captions: a checkpoint directory"),
     videos: str = typer.Option(..., help=".jsonl with {video, clip_captions: [str, ...]} per row (clips in order)"),
@@ -96,11 +93,11 @@ def temple_pairs(
     the released code does, split into easy -> hard magnitude stages."""
     import yaml
 
-    from .data.pairs import write_jsonl
-    from .data.rows import DataError, load_rows
-    from .data.temple import build_temple_pairs, magnitude_stages
-    from .methods.temple_gen import generate_temple_responses
-    from .models.text import load_causal_lm, load_tokenizer
+    from ..data.pairs import write_jsonl
+    from ..data.rows import DataError, load_rows
+    from ..data.temple import build_temple_pairs, magnitude_stages
+    from ..methods.temple_gen import generate_temple_responses
+    from ..models.text import load_causal_lm, load_tokenizer
 
     try:
         rows = [row for _, _, row in load_rows(videos)]

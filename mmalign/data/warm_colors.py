@@ -6,7 +6,9 @@ programmatic reward is the fraction of warm words in a completion (invalid words
 alignment should raise the mean reward and the win-rate of samples against the SFT model's samples, while
 the KL to the SFT reference measures how far it had to move.
 
-Everything is generated from a seed: the same seed gives the same corpus, pairs and prompts.
+Everything is generated from a seed: the same seed gives the same corpus, pairs and prompts. The text demos
+build their data from it, and :func:`reward` is the programmatic reward that the methods know by name
+(``warm_colors`` in :mod:`mmalign.methods.rewards` and :mod:`mmalign.methods.auto_pairs`).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
 Rows are prompts × settings (plain CFG, and NPO-CFG when ``--npo`` is given), columns are seeds; every setting
 uses the same seeds, so the columns are paired. ``--model`` is a run's ``final/`` directory (full weights or
 LoRA) or a diffusers pipeline directory; the base model is the one the run recorded (``--base`` overrides).
-Registered on :data:`mmalign.cli.sample_app` (``cli.py`` imports this module).
+A plain function; :mod:`mmalign.cli` registers it from the ``diffusion`` row of :data:`mmalign.registry.MODALITIES`.
 """
 
 from __future__ import annotations
@@ -18,10 +18,7 @@ from typing import Annotated
 import typer
 from typer import Option
 
-from .cli import sample_app
 
-
-@sample_app.command("diffusion")
 def sample_diffusion(
     model: Annotated[str, Option(help="trained run directory (<output_dir>/final) or diffusers pipeline directory")],
     base: Annotated[str | None, Option(help="base pipeline directory (default: the one the run recorded)")] = None,
@@ -47,8 +44,8 @@ def sample_diffusion(
     """Sample a labelled grid (prompts × settings rows, seeds columns) from MODEL, optionally with NPO-CFG."""
     import torch
 
-    from .methods import npo as npo_ops
-    from .sample import diffusion as SD
+    from ..models import npo_weights as npo_ops
+    from ..sample import diffusion as SD
 
     seeds = list(seeds or [0, 1, 2, 3])
     guidance_scale = list(guidance_scale or [5.0])

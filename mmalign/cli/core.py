@@ -1,0 +1,86 @@
+"""The commands of no model family: ``mmalign train``, ``mmalign demo``, ``mmalign losses`` (plain functions;
+:mod:`mmalign.cli` registers them from :data:`mmalign.registry.COMMANDS`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import typer
+
+from ..demos import DEMOS, get_demo
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def train(
+    ctx: typer.Context,
+    config: str = typer.Argument(None, help="YAML config file (configs/...)"),
+    help_config: bool = typer.Option(False, "--help-config", help="print every config key and exit"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Train with CONFIG; trailing key=value pairs override it (e.g. run.max_steps=10 loss.kwargs.beta=0.05)."""
+    from ..config import ConfigError, describe
+    from ..data.rows import DataError
+    from ..schema import TrainConfig
+
+    if help_config:
+        typer.echo(describe(TrainConfig))
+        raise typer.Exit()
+    _setup_logging(verbose)
+    overrides = list(ctx.args)
+    if config and "=" in config and not Path(config).exists():  # only overrides, no file
+        overrides, config = [config, *overrides], None
+    from ..api import train as api_train
+
+    try:
+        summary = api_train(config, overrides)
+    except (ConfigError, DataError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(summary, indent=1, default=str))
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # a launcher waits on un-destroyed groups at exit
+        dist.destroy_process_group()
+
+
+# Read by mmalign.cli when it registers the command: trailing key=value tokens are overrides, not options.
+train.typer_kwargs = {"context_settings": {"allow_extra_args": True, "ignore_unknown_options": True}}
+
+
+def demo(
+    name: str = typer.Argument("text", help=f"one of {sorted(DEMOS)}"),
+    out: str = typer.Option("outputs/demo", help="output directory (a subdirectory per demo)"),
+) -> None:
+    """Run a demo end to end and print its report."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        # Demo models are tiny: a second intra-op thread only adds spin-waits (measured several times slower on a
+        # shared 2-core machine). OMP_NUM_THREADS overrides this.
+        torch.set_num_threads(1)
+    try:
+        run = get_demo(name)
+    except ValueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    target = Path(out) / name
+    report = run(target)
+    typer.echo(json.dumps({k: v for k, v in report.items() if k != "losses_available"}, indent=1))
+    typer.echo(f"report: {target / 'report.md'}")
+
+
+def losses() -> None:
+    """List every loss in mmalign.losses.LOSSES with the first line of its docstring."""
+    from ..losses import LOSSES
+
+    for name, fn in sorted(LOSSES.items()):
+        first = (fn.__doc__ or "").strip().splitlines()[0]
+        typer.echo(f"{name:24s} {first}")
