@@ -16,11 +16,11 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-import filecmp
 import sys
-import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import asset_script  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a plain script from a checkout without `pip install -e .`
@@ -40,30 +40,11 @@ def build(out: Path) -> list[Path]:
 
 def check(out: Path) -> list[str]:
     """Relative paths of files in ``out`` that differ from a fresh build (or are missing)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        fresh = build(Path(tmp))
-        bad = []
-        for p in fresh:
-            rel = p.relative_to(tmp)
-            if not (out / rel).is_file() or not filecmp.cmp(p, out / rel, shallow=False):
-                bad.append(str(rel))
-        return bad
+    return asset_script.check(build, out)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--check", action="store_true", help="compare with a fresh build instead of writing")
-    args = parser.parse_args()
-    if args.check:
-        bad = check(args.out)
-        if bad:
-            print(f"stale assets in {args.out}: {bad}; run python scripts/make_prior_assets.py")
-            sys.exit(1)
-        print(f"{args.out}: up to date")
-        return
-    files = build(args.out)
-    print(f"wrote {len(files)} files ({sum(p.stat().st_size for p in files) / 1024:.1f} KiB) to {args.out}")
+    asset_script.main(build, DEFAULT_OUT, __doc__, "make_prior_assets.py")
 
 
 if __name__ == "__main__":

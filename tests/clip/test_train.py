@@ -133,3 +133,24 @@ def test_lora_targets_that_never_run_are_refused(tmp_path):
     task, _, _ = _run(tmp_path / "ok", "clip", ["lora.enabled=true", "lora.target_modules=[c_fc]"])
     lora = {n.split(".lora_")[0] for n, _ in task.model.named_parameters() if ".lora_" in n}
     assert lora and all(n.endswith("c_fc") for n in lora)
+
+
+def test_stages_switch_between_contrastive_rows(tmp_path):
+    """One run, two rows: plain CLIP, then CLIP-Refine against the frozen initial model. Each stage's loss sets
+    which logit parameters train (raw-feature HyCD with λ_cont = 0 reads no scale)."""
+    stages = ("stages=[{name: clip, max_steps: 1, loss: {name: clip}}, "
+              "{name: refine, max_steps: 1, loss: {name: clip_refine}}]")
+    task, before, summary = _run(tmp_path, "clip", [stages])
+    assert summary["global_step"] == 2 and task.teacher is not None
+    assert "loss/clip" in summary["stages"][0]["final"] and "loss/hycd" in summary["stages"][1]["final"]
+    assert not task.model.logit_scale.requires_grad and task.method.name == "clip_refine"
+
+
+def test_save_writes_the_given_state_dict(tmp_path):
+    """A sharded run's gathered weights (``state_dict=``) are what the final model holds."""
+    cfg = load_train_config(None, [*BASE, "loss.name=clip", f"run.output_dir={tmp_path / 'run'}"])
+    task = build_task(cfg)
+    state = {k: (v + 0.25 if v.is_floating_point() else v).detach().clone() for k, v in task.model.state_dict().items()}
+    task.save_pretrained(task.model, tmp_path / "out", state_dict=state)
+    loaded = load_clip(str(tmp_path / "out")).model.state_dict()
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)

@@ -55,10 +55,12 @@ def test_real_config_lora_regex_targets_only_the_language_model():
 def test_assets_are_fresh_and_small():
     sys.path.insert(0, str(REPO / "scripts"))
     try:
+        import make_lvlm_assets
         import make_prior_assets
     finally:
         sys.path.pop(0)
     assert make_prior_assets.check(REPO / "assets" / "prior") == []
+    assert make_lvlm_assets.check(REPO / "assets" / "lvlm") == []
     size = sum(p.stat().st_size for p in (REPO / "assets" / "prior").rglob("*") if p.is_file())
     assert size < 300_000
 
