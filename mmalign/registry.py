@@ -2,20 +2,20 @@
 
 One :class:`Modality` row per family says everything the shared layers need to know about it:
 
-- ``task``: the ``"module:Class"`` of the task that builds a run (model, data, scores, loss, save);
-- ``recipes``: ``loss.name`` → :class:`Recipe` for losses whose per-step work differs from the plain task
-  (text: self-made negatives, online generation, token guidance; diffusion: Self-NPO), each with its own task;
+- ``task``: the ``"module:Class"`` of the task that builds a run (model, data, scores, loss, save); losses with
+  per-step work (online generation, self-made negatives, token guidance, Self-NPO, PRIOR) name their own task
+  in their row of :data:`mmalign.methods.table.METHODS` (``recipe``), the one table of loss names;
 - ``section``: the config section the family reads (``diffusion:``, ``clip:``, ``prior:``) and
   ``section_schema``, the ``"module:Class"`` of its dataclass; the run schema adds one always-present section per
   row that has one;
 - ``commands``: CLI sub-commands, ``"sample text"`` → ``"module:function"`` (a space nests it under a group);
 - ``demos``: ``mmalign demo NAME`` → ``"module:function"`` (``run(out_dir) -> report``).
 
-What derives from it: ``TrainConfig.modality``'s allowed values and help, the sections of the run schema and the
-data-free exception of its validation (:mod:`mmalign.schema`); :func:`mmalign.api.build_task`; the recipe check in
-:func:`mmalign.methods.diffusion.get_diffusion_method`; :data:`mmalign.demos.DEMOS`; every ``mmalign`` sub-command
-(:mod:`mmalign.cli`). Everything is a string resolved by :func:`resolve` when used, so reading the table imports
-nothing (``mmalign --help`` never loads torch, diffusers or open_clip) and no layer imports a higher one.
+What derives from it: ``TrainConfig.modality``'s allowed values and help and the sections of the run schema
+(:mod:`mmalign.schema`); :func:`mmalign.api.build_task`; :data:`mmalign.demos.DEMOS`; every ``mmalign``
+sub-command (:mod:`mmalign.cli`). Everything is a string resolved by :func:`resolve` when used, so reading the
+table imports nothing (``mmalign --help`` never loads torch, diffusers or open_clip) and no layer imports a higher
+one.
 
 **Adding a model family** = one adapter file (``mmalign/adapters/``), its task (``mmalign/methods/``) and one row
 here; with a config section, its dataclass (``mmalign/schema_<family>.py``). Nothing else shared changes: the
@@ -27,20 +27,10 @@ asks for the row in the README's table.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["COMMANDS", "DEMOS", "MODALITIES", "Modality", "Recipe", "all_commands", "all_demos", "is_data_free",
-           "resolve", "task_target"]
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """A ``loss.name`` whose run is built by its own task instead of the family's plain one."""
-
-    task: str  # "module:Class"
-    data_free: bool = False  # trains without data.train (Self-NPO samples its own inputs)
+__all__ = ["COMMANDS", "DEMOS", "MODALITIES", "Modality", "all_commands", "all_demos", "resolve"]
 
 
 @dataclass(frozen=True)
@@ -50,7 +40,6 @@ class Modality:
     name: str
     summary: str  # one line for `mmalign train --help-config`
     task: str  # "module:Class"
-    recipes: dict[str, Recipe] = field(default_factory=dict)
     section: str | None = None
     section_schema: str | None = None  # "module:Class" of the section's dataclass
     commands: dict[str, str] = field(default_factory=dict)  # "group name" or "name" -> "module:function"
@@ -62,18 +51,10 @@ class Modality:
             raise ValueError(f"modality {self.name!r}: section and section_schema go together")
 
 
-_ONLINE = Recipe("mmalign.methods.online:OnlineDPOTask")
-
 _ROWS = [
     Modality(
         "text", "causal LMs: DPO family, KTO, unlearning, listwise, RM, SFT and the text recipes",
         "mmalign.methods.text:TextTask",
-        recipes={
-            "seq_contrastive": Recipe("mmalign.methods.seq_contrastive:SeqContrastiveTask"),
-            "online_dpo": _ONLINE,
-            "xpo": _ONLINE,
-            "token_guidance": Recipe("mmalign.methods.token_guidance:TokenGuidanceTask"),
-        },
         commands={
             "sample text": "mmalign.cli.text:sample_text",
             "pairs": "mmalign.cli.pairs:pairs",
@@ -91,7 +72,6 @@ _ROWS = [
     Modality(
         "diffusion", "diffusion / flow-matching denoisers: Diffusion-DPO, -NPO, -KTO, SFT, Plackett-Luce, Self-NPO",
         "mmalign.methods.diffusion:DiffusionTask",
-        recipes={"self_npo": Recipe("mmalign.methods.self_npo:SelfNPOTask", data_free=True)},
         section="diffusion", section_schema="mmalign.schema_diffusion:DiffusionConfig",
         commands={"sample diffusion": "mmalign.cli.diffusion:sample_diffusion"},
         demos={"diffusion": "mmalign.demos.diffusion:run"},
@@ -107,7 +87,6 @@ _ROWS = [
         "prior", "vision-language LMs (LLaVA, encoder-free PatchLVLM): the preference losses on TRL vision rows, "
         "and PRIOR token-weighted caption training",
         "mmalign.methods.lvlm:LVLMTask",
-        recipes={"prior": Recipe("mmalign.methods.prior:PriorTask")},
         section="prior", section_schema="mmalign.schema_clip:PriorConfig",
         demos={"prior": "mmalign.demos.prior:run"},
         needs_train_fn=True,
@@ -152,21 +131,3 @@ def all_commands() -> dict[str, str]:
                 raise ValueError(f"command {name!r} of modality {row.name!r} is already defined as {out[name]}")
             out[name] = target
     return out
-
-
-def task_target(modality: str, loss_names: Iterable[str]) -> str:
-    """The ``"module:Class"`` building a run of ``modality`` whose stages use ``loss_names``: the recipe those
-    names select, else the family's task. One run cannot mix two recipes (each builds its own model)."""
-    if modality not in MODALITIES:
-        raise ValueError(f"modality={modality!r} is not one of {sorted(MODALITIES)}")
-    row, names = MODALITIES[modality], sorted(set(loss_names))
-    recipes = sorted({row.recipes[n].task for n in names if n in row.recipes})
-    if len(recipes) > 1:
-        raise ValueError(f"one run cannot mix the {modality} recipes {recipes} (losses {names})")
-    return recipes[0] if recipes else row.task
-
-
-def is_data_free(modality: str, loss_name: str) -> bool:
-    """Whether ``loss_name`` under ``modality`` trains without data (its recipe samples its own inputs)."""
-    recipe = MODALITIES[modality].recipes.get(loss_name) if modality in MODALITIES else None
-    return bool(recipe and recipe.data_free)

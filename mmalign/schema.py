@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .registry import MODALITIES, is_data_free, resolve
+from .registry import MODALITIES, resolve
 
 # The values of ``modality:``, one per row of the registry (Literal of a tuple = Literal of its items).
 ModalityName = Literal[tuple(MODALITIES)]
@@ -122,7 +122,8 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
-    """The method's loss: ``name`` picks a recipe in :data:`mmalign.methods.METHODS`; ``kwargs`` go to its loss."""
+    """The method's loss: ``name`` picks a row of :data:`mmalign.methods.table.METHODS` (and, for recipes such as
+    online_dpo or self_npo, the task that runs it); ``kwargs`` go to its loss."""
 
     name: str = _h("method/loss name, e.g. dpo, simpo, cpo, orpo, slic, kto, npo, simnpo, listwise, rm, sft", "dpo")
     kwargs: dict[str, Any] = _h("keyword arguments of the loss (beta, loss_type, label_smoothing, ...)", factory=dict)
@@ -220,10 +221,9 @@ class TrainConfig:
                                  factory=dict)
 
     def validate(self) -> list[str]:
+        # An empty data.train is refused by mmalign.api.build_task, which knows the loss's row (data-free recipes
+        # such as Self-NPO make their own inputs); this layer sits below the methods table.
         errs = []
-        data_free = is_data_free(self.modality, self.loss.name)  # e.g. Self-NPO samples its own inputs
-        if not data_free and not self.data.train and not any(s.train for s in self.stages):
-            errs.append("data.train is empty: give at least one training file (data.train=[path.jsonl])")
         if self.reference.strategy == "adapter" and not self.lora.enabled:
             errs.append("reference.strategy=adapter needs lora.enabled=true (the reference is the base without it)")
         names = [s.name for s in self.stages]

@@ -136,14 +136,14 @@ def test_header_launch_commands_are_valid_invocations(path: Path):
         if not target.is_file() or _kind(yaml.safe_load(target.read_text()) or {}) != "run":
             continue  # a placeholder such as CONFIG, or another modality's command file
         cfg = load_train_config(target, overrides)  # raises ConfigError naming the bad key or value
-        from mmalign.registry import MODALITIES
+        # Loss names and options are checked when the task is built; check them here already against the one
+        # METHODS table (recipes included; their own options are checked when built, by the tiny-config tests).
+        if cfg.modality == "text":
+            from mmalign.adapters.causal_lm_family import CausalLMFamily
+            from mmalign.methods.table import check_loss_kwargs, get_method
 
-        # Loss options are checked when the task is built; check them here already (the text recipes of the
-        # registry check their own options when built, which the tiny-config training test does).
-        if cfg.modality == "text" and cfg.loss.name not in MODALITIES["text"].recipes:
-            from mmalign.methods.text_losses import check_loss_kwargs, get_text_method
-
-            problems = check_loss_kwargs(get_text_method(cfg.loss.name), cfg.loss.kwargs)
+            method = get_method(cfg.loss.name, CausalLMFamily)
+            problems = check_loss_kwargs(method, cfg.loss.kwargs, family=CausalLMFamily)
             assert not problems, f"{_rel(path)}: `{config} {' '.join(overrides)}`: {problems}"
 
 
@@ -247,7 +247,8 @@ def test_tiny_text_config_trains_two_steps(path: Path, tmp_path: Path, monkeypat
 
 @pytest.mark.parametrize("path", REAL_TEXT, ids=lambda p: p.stem)
 def test_real_text_config_names_a_documented_checkpoint(path: Path):
-    from mmalign.methods.text_losses import check_loss_kwargs, get_text_method
+    from mmalign.adapters.causal_lm_family import CausalLMFamily
+    from mmalign.methods.table import check_loss_kwargs, get_method
 
     cfg = load_train_config(path)
     model_id = cfg.model.name_or_path
@@ -255,7 +256,7 @@ def test_real_text_config_names_a_documented_checkpoint(path: Path):
     header = "\n".join(_header(path))
     assert f"https://huggingface.co/{model_id}" in header, f"{_rel(path)}: the header must link {model_id}'s card"
     assert "model.name_or_path=" in header, f"{_rel(path)}: show how to point at a downloaded checkpoint"
-    method = get_text_method(cfg.loss.name)
+    method = get_method(cfg.loss.name, CausalLMFamily)
     assert check_loss_kwargs(method, cfg.loss.kwargs) == []
     if cfg.lora.enabled:
         assert cfg.reference.strategy in ("auto", "adapter", "precomputed")  # no second copy of the weights

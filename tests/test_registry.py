@@ -1,5 +1,6 @@
 """The MODALITIES registry (mmalign/registry.py) and everything derived from it: every target imports, the schema's
-modality choices and sections, build_task's recipe choice, the Self-NPO data-free case, the demos, the README."""
+modality choices and sections, build_task's recipe choice (from the METHODS rows' ``recipe``), the Self-NPO
+data-free case, the demos, the README."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from mmalign import registry as R
-from mmalign.registry import COMMANDS, MODALITIES, Modality, Recipe, all_commands, all_demos, resolve
+from mmalign.methods.table import METHODS
+from mmalign.registry import COMMANDS, MODALITIES, Modality, all_commands, all_demos, resolve
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,21 +26,27 @@ def _targets() -> list[tuple[str, str]]:
     out = []
     for row in MODALITIES.values():
         out.append((f"{row.name}.task", row.task))
-        out += [(f"{row.name}.recipes[{n}]", r.task) for n, r in row.recipes.items()]
         out += [(f"{row.name}.commands[{n}]", t) for n, t in row.commands.items()]
         out += [(f"{row.name}.demos[{n}]", t) for n, t in row.demos.items()]
         if row.section_schema:
             out.append((f"{row.name}.section_schema", row.section_schema))
     out += [(f"COMMANDS[{n}]", t) for n, t in COMMANDS.items()]
     out += [(f"DEMOS[{n}]", t) for n, t in R.DEMOS.items()]
+    out += [(f"METHODS[{n}].recipe", m.recipe) for n, m in METHODS.items() if m.recipe]
     return out
+
+
+def _recipes(modality: str) -> list[str]:
+    """Names of the METHODS rows whose recipe runs on ``modality``'s family."""
+    family = resolve(MODALITIES[modality].task).family_cls
+    return sorted(n for n, m in METHODS.items() if m.recipe and m.family == family.name)
 
 
 @pytest.mark.parametrize("where,target", _targets(), ids=lambda x: x)
 def test_every_target_imports_and_is_callable(where, target):
     obj = resolve(target)
     assert callable(obj), f"{where} = {target} is not callable"
-    if ".task" in where or ".recipes[" in where:
+    if ".task" in where or ".recipe" in where:
         assert inspect.isclass(obj) and "cfg" in inspect.signature(obj).parameters
     if where.endswith("section_schema"):
         assert dataclasses.is_dataclass(obj)
@@ -80,14 +88,18 @@ def test_schema_choices_and_sections_come_from_the_registry():
 
 
 def test_data_free_recipes_skip_the_data_check():
+    from mmalign.api import load_train_config, task_target
     from mmalign.config import ConfigError, load_config
     from mmalign.schema import TrainConfig
 
-    assert R.is_data_free("diffusion", "self_npo") and not R.is_data_free("diffusion", "dpo")
-    assert not R.is_data_free("text", "self_npo") and not R.is_data_free("nope", "x")
-    load_config(TrainConfig, {"modality": "diffusion", "loss": {"name": "self_npo"}})
-    with pytest.raises(ConfigError, match="data.train is empty"):
-        load_config(TrainConfig, {"modality": "diffusion", "loss": {"name": "dpo"}})
+    assert METHODS["self_npo"].data_free and not METHODS["dpo"].data_free
+    # the schema cannot see the loss's row (it sits below the methods table): build_task checks, before building
+    load_config(TrainConfig, {"modality": "diffusion", "loss": {"name": "dpo"}})
+    free = load_train_config({"modality": "diffusion", "loss": {"name": "self_npo"}})
+    assert task_target(free) == "mmalign.methods.self_npo:SelfNPOTask"
+    for modality, loss in [("diffusion", "dpo"), ("text", "self_npo"), ("text", "dpo")]:
+        with pytest.raises(ConfigError, match="data.train is empty"):
+            task_target(load_train_config({"modality": modality, "loss": {"name": loss}}))
 
 
 def _cfg(modality: str, loss: str, *stage_losses: str):
@@ -100,10 +112,19 @@ def _cfg(modality: str, loss: str, *stage_losses: str):
 
 @pytest.fixture
 def built(monkeypatch):
-    """build_task with the resolved class replaced by a recorder: (target, kwargs) instead of a real task."""
+    """build_task with the resolved class replaced by a recorder (keeping its family): (target, kwargs)."""
     import mmalign.api as api
 
-    monkeypatch.setattr(api, "resolve", lambda target: lambda cfg, **kw: (target, kw))
+    def fake(target):
+        class Recorder:
+            family_cls = getattr(resolve(target), "family_cls", None)
+
+            def __new__(cls, cfg, **kw):
+                return target, kw
+
+        return Recorder
+
+    monkeypatch.setattr(api, "resolve", fake)
     return api.build_task
 
 
@@ -114,15 +135,19 @@ def built(monkeypatch):
     ("text", ["online_dpo", "xpo"], "mmalign.methods.online:OnlineDPOTask"),  # one task, two names
     ("text", ["seq_contrastive"], "mmalign.methods.seq_contrastive:SeqContrastiveTask"),
     ("text", ["token_guidance"], "mmalign.methods.token_guidance:TokenGuidanceTask"),
+    ("text", ["self_npo"], "mmalign.methods.text:TextTask"),  # another family's recipe: TextTask refuses it
     ("diffusion", ["dpo"], "mmalign.methods.diffusion:DiffusionTask"),
     ("diffusion", ["self_npo"], "mmalign.methods.self_npo:SelfNPOTask"),
+    ("diffusion", ["token_guidance"], "mmalign.methods.diffusion:DiffusionTask"),
     ("clip", ["clip_refine"], "mmalign.methods.clip:ClipTask"),
     ("prior", ["prior"], "mmalign.methods.prior:PriorTask"),
 ])
 def test_build_task_picks_the_recipe_by_loss_name(built, modality, losses, expected):
+    from mmalign.api import task_target
+
     target, kwargs = built(_cfg(modality, *losses))
     assert target == expected
-    assert R.task_target(modality, losses) == expected
+    assert task_target(_cfg(modality, *losses)) == expected
     if MODALITIES[modality].needs_train_fn:
         from mmalign.api import train
 
@@ -136,16 +161,31 @@ def test_build_task_refuses_two_recipes_in_one_run():
 
     with pytest.raises(ValueError, match="one run cannot mix the text recipes"):
         build_task(_cfg("text", "online_dpo", "token_guidance"))
-    with pytest.raises(ValueError, match="not one of"):
-        R.task_target("audio", ["dpo"])
 
 
-def test_diffusion_methods_refuse_a_recipe_name():
+def test_recipe_rows_are_refused_outside_their_family_and_task():
+    """Recipe names are rows of the one table: listed among the valid names of their family, refused (with the
+    reason) by other families at config load, and by the family's plain task (which points at build_task)."""
+    from mmalign.adapters.causal_lm_family import CausalLMFamily
+    from mmalign.api import build_task
     from mmalign.config import ConfigError
-    from mmalign.methods.diffusion import get_diffusion_method
+    from mmalign.methods.diffusion import DiffusionFamily, DiffusionTask, get_diffusion_method
+    from mmalign.methods.preference import resolve_stage_losses
+    from mmalign.methods.table import get_method, valid_names
 
-    with pytest.raises(ConfigError, match="SelfNPOTask recipe"):
-        get_diffusion_method("self_npo")
+    assert get_diffusion_method("self_npo") is METHODS["self_npo"]
+    assert {"online_dpo", "xpo", "seq_contrastive", "token_guidance"} <= set(valid_names(CausalLMFamily))
+    assert "self_npo" not in valid_names(CausalLMFamily) and "self_npo" in valid_names(DiffusionFamily)
+    with pytest.raises(ConfigError, match=r"valid: \[.*'online_dpo'.*'token_guidance'.*'xpo'"):
+        get_method("onlinedpo", CausalLMFamily)
+    with pytest.raises(ConfigError, match="cannot run on the causal_lm family: it is a recipe of the diffusion"):
+        get_method("self_npo", CausalLMFamily)
+    with pytest.raises(ConfigError, match="token_guidance.*cannot run on the diffusion family"):
+        get_method("token_guidance", DiffusionFamily)
+    with pytest.raises(ConfigError, match="cannot run on the causal_lm family"):  # before anything is built
+        build_task(_cfg("text", "self_npo"))
+    with pytest.raises(ConfigError, match="SelfNPOTask recipe, not a loss of DiffusionTask.*build_task"):
+        resolve_stage_losses(_cfg("diffusion", "self_npo"), DiffusionFamily, DiffusionTask)
 
 
 def test_demos_and_commands_are_unique_and_derived():
@@ -225,7 +265,7 @@ def test_readme_table_lists_every_family_with_its_commands_and_demos():
     for row in MODALITIES.values():
         line = rows.get(f"`{row.name}`")
         assert line, f"README.md: add a row for modality {row.name!r} to the model-family table"
-        for name in [*row.commands, *row.demos, *row.recipes]:
+        for name in [*row.commands, *row.demos, *_recipes(row.name)]:
             assert f"`{name}`" in line or f"`mmalign {name}`" in line, f"README.md row {row.name!r} lacks {name!r}"
         if row.section:
             assert f"`{row.section}:`" in line
@@ -234,5 +274,16 @@ def test_readme_table_lists_every_family_with_its_commands_and_demos():
         assert f"`{name}`" in line or f"`mmalign {name}`" in line, f"README.md row (none) lacks {name!r}"
 
 
-def test_recipe_defaults():
-    assert Recipe("m:C").data_free is False
+def test_recipe_rows_name_their_family():
+    """Every recipe row names a modality's family, and its task (a PreferenceTask subclass) builds that family."""
+    from mmalign.methods.table import Method
+
+    assert Method("x", "sft", False, None).data_free is False
+    with pytest.raises(ValueError, match="go together"):
+        Method("x", "sft", False, None, recipe="m:C")
+    families = {resolve(row.task).family_cls.name for row in MODALITIES.values()}
+    for name, m in METHODS.items():
+        if m.recipe:
+            assert m.family in families, name
+            family_cls = getattr(resolve(m.recipe), "family_cls", None)  # None: PriorTask builds its own model
+            assert family_cls is None or family_cls.name == m.family, name

@@ -3,7 +3,7 @@
 Responses of models of different strength to the same prompts become preference pairs (stronger = chosen,
 :func:`mmalign.data.pairs.build_pairs`), each with a difficulty; :func:`mmalign.data.pairs.curriculum_stages`
 turns them into an easy→hard ``stages:`` list. Training is then an ordinary text run with any pairwise
-method of :data:`~mmalign.methods.text_losses.TEXT_METHODS` — the paper compares SFT, SLiC (``loss.name:
+row of :data:`~mmalign.methods.table.METHODS` — the paper compares SFT, SLiC (``loss.name:
 slic``, reference-free calibration hinge + NLL, arXiv 2305.10425) and DPO (``loss.name: dpo``, arXiv
 2305.18290 Eq. 7) — through the one loop, so no recipe class is needed.
 

@@ -6,8 +6,8 @@ Every row of :data:`~mmalign.methods.table.METHODS` the family can feed runs her
 lists, SFT on the preferred images, and the other sequence-score losses. The family scores a candidate as
 ``logps = −c·err`` (c = ½ in the original β convention, 1 in the diffusers one), so the user's β (``loss.kwargs.
 beta`` in ``diffusion.beta_convention``; default 5000 original / 2500 diffusers) goes straight into the loss.
-Recipes with their own task (``loss.name: self_npo``) are picked by :func:`mmalign.api.build_task` from the
-registry.
+Recipes with their own task (``loss.name: self_npo``) are picked by :func:`mmalign.api.build_task` from their
+METHODS row.
 """
 
 from __future__ import annotations

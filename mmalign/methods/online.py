@@ -46,20 +46,18 @@ import torch
 from torch import Tensor, nn
 
 from .. import losses as L
-from ..adapters.causal_lm import score_batch
 from ..config import ConfigError, from_dict
 from ..data.batches import TextBatch
 from ..data.rows import DataError, RowProblem, load_rows
 from ..data.text import EncodedExample, PreferenceDataset
 from ..schema import StageConfig, TrainConfig
 from ..types import Scores
-from .rewards import ModelReward, load_reward_fn
+from .preference import stage_loss
+from .rewards import ModelReward, load_reward_fn, reward_model_problem
 from .task import StageData
-from .text import CausalLMFamily, TextTask
-from .text_losses import TextMethod, check_loss_kwargs
+from .text import TextTask
 
-ONLINE_LOSSES = ("online_dpo", "xpo")
-_DPO = TextMethod("online_dpo", "prompts", True, lambda *a: None, loss_fn=L.dpo)  # for check_loss_kwargs only
+ONLINE_LOSSES = ("online_dpo", "xpo")  # the rows of mmalign.methods.table.METHODS this recipe runs
 
 
 @dataclass
@@ -145,23 +143,6 @@ def build_prompt_dataset(sources, tokenizer, *, limit: int | None = None, max_pr
 # -- the task --------------------------------------------------------------------------------------------
 
 
-def _stage_loss(cfg: TrainConfig, stage: StageConfig | None) -> tuple[str, dict]:
-    over = dict((stage.loss if stage is not None else None) or {})
-    name = over.get("name", cfg.loss.name)
-    kwargs = {**(dict(cfg.loss.kwargs) if name == cfg.loss.name else {}), **dict(over.get("kwargs") or {})}
-    return name, kwargs
-
-
-def _split_kwargs(name: str, kwargs: dict, where: str) -> tuple[dict, float, list[str]]:
-    """(dpo kwargs, α, errors): XPO's ``alpha`` lives in loss.kwargs beside DPO's options."""
-    kwargs = dict(kwargs)
-    alpha = kwargs.pop("alpha", 1e-5) if name == "xpo" else 0.0
-    errors = check_loss_kwargs(_DPO, kwargs, where=where)
-    if not isinstance(alpha, (int, float)) or not (alpha >= 0 and math.isfinite(alpha)):
-        errors.append(f"{where}.alpha={alpha!r} must be a number >= 0 (TRL's default 1e-5)")
-    return kwargs, float(alpha) if isinstance(alpha, (int, float)) else 0.0, errors
-
-
 def generation_seed(run_seed: int, step: int, indices: list[int]) -> int:
     """Seed of one micro-batch's sampling: the same (seed, step, examples) always draws the same samples."""
     digest = hashlib.sha256(repr((run_seed, step, indices)).encode()).digest()
@@ -169,19 +150,20 @@ def generation_seed(run_seed: int, step: int, indices: list[int]) -> int:
 
 
 def config_problems(cfg: TrainConfig) -> list[str]:
-    """Every problem of an online_dpo / xpo run's loss, stages and reference settings (``options`` are checked
-    by :func:`parse_options`), without building anything: for config linters and ``__init__``."""
+    """The online-specific problems of a run's loss, stages and reference settings (names and ``loss.kwargs``
+    are checked against the METHODS rows, ``options`` by :func:`parse_options`), without building anything."""
     errors = []
     names = set()
     for i, stage in enumerate([None, *cfg.stages]):
         where = "loss" if stage is None else f"stages.{i - 1}.loss"
-        name, kwargs = _stage_loss(cfg, stage)
+        name, kwargs, _, _ = stage_loss(cfg, stage)
         names.add(name)
-        if name not in ONLINE_LOSSES:
-            errors.append(f"{where}.name={name!r}: an online run's stages must use {list(ONLINE_LOSSES)}")
+        if name != "xpo":
             continue
-        errors += _split_kwargs(name, kwargs, f"{where}.kwargs")[2]
-        if name == "xpo" and stage is not None and stage.reanchor_reference and not cfg.lora.enabled:
+        alpha = kwargs.get("alpha", 1e-5)  # XPO's alpha lives in loss.kwargs beside DPO's options
+        if not isinstance(alpha, (int, float)) or not (alpha >= 0 and math.isfinite(alpha)):
+            errors.append(f"{where}.kwargs.alpha={alpha!r} must be a number >= 0 (TRL's default 1e-5)")
+        if stage is not None and stage.reanchor_reference and not cfg.lora.enabled:
             errors.append(f"stages.{i - 1}.reanchor_reference: XPO samples from a frozen initial copy; "
                           "use lora.enabled=true (adapter-disabled sampling) or drop the re-anchoring")
     if cfg.loss.sft_weight:
@@ -196,24 +178,34 @@ def config_problems(cfg: TrainConfig) -> list[str]:
 
 
 class OnlineDPOTask(TextTask):
-    """Online DPO / XPO recipe (see the module docstring); reuses TextTask's model building and saving."""
+    """Online DPO / XPO recipe (see the module docstring): the text task (its causal-LM family builds the
+    tokenizer and the policy; scoring, saving and LoRA merges are the family's) plus the hooks
+    :meth:`prepare_batch` (generate and judge a pair per prompt), :meth:`stage_data` (prompts) and :meth:`loss`
+    (DPO on the judged pair, XPO's bonus, the sample metrics)."""
 
-    def __init__(self, cfg: TrainConfig, *, tokenizer=None, model: nn.Module | None = None):
-        self.cfg = cfg
+    @classmethod
+    def check(cls, cfg: TrainConfig, uses) -> list[str]:
         errors = config_problems(cfg)
         try:
-            self.options = parse_options(cfg)
-        except ConfigError as e:  # report options and loss/reference problems together
-            raise ConfigError([*e.errors, *errors]) from None
-        if errors:
-            raise ConfigError(errors)
-        self.needs_reference = True
-        self._reward = (load_reward_fn(self.options.reward_fn) if self.options.reward_fn  # fail before building
+            opts = parse_options(cfg)
+        except ConfigError as e:
+            return [*e.errors, *errors]
+        if opts.reward_fn:  # a typo fails here, before the policy is built
+            try:
+                load_reward_fn(opts.reward_fn)
+            except ConfigError as e:
+                errors += e.errors
+        elif (why := reward_model_problem(opts.reward_model)) is not None:
+            errors.append(why)
+        return errors
+
+    def __init__(self, cfg: TrainConfig, *, tokenizer=None, model: nn.Module | None = None):
+        super().__init__(cfg, tokenizer=tokenizer, model=model)  # checks everything (check above), builds once
+        self.options = parse_options(cfg)
+        self._reward = (load_reward_fn(self.options.reward_fn) if self.options.reward_fn
                         else ModelReward(self.options.reward_model))  # type: ignore[arg-type]
-        self.family = CausalLMFamily(cfg, [], tokenizer=tokenizer, model=model)  # the tokenizer and the policy
-        self.configure_stage(None)
         self._ref_sampler: nn.Module | None = None
-        uses_xpo = any(_stage_loss(cfg, s)[0] == "xpo" for s in [None, *cfg.stages])
+        uses_xpo = any(stage_loss(cfg, s)[0] == "xpo" for s in [None, *cfg.stages])
         if uses_xpo and not cfg.lora.enabled:  # a frozen copy of the initial policy to sample ỹ from
             self._ref_sampler = copy.deepcopy(self.model).eval().requires_grad_(False)
 
@@ -238,10 +230,6 @@ class OnlineDPOTask(TextTask):
                                                      skip_bad_rows=dc.skip_bad_rows)
             stats.update({f"eval/{k}": v for k, v in eval_stats.items()})
         return StageData(train=train, collate=train.collate, eval=eval_ds, stats=stats)
-
-    def configure_stage(self, stage: StageConfig | None) -> None:
-        self.loss_name, kwargs = _stage_loss(self.cfg, stage)
-        self.loss_kwargs, self.alpha, _ = _split_kwargs(self.loss_name, kwargs, "loss.kwargs")
 
     # -- generation and judging ---------------------------------------------------------------------------
     def _sample(self, model: nn.Module, ids: Tensor, mask: Tensor, seed: int) -> list[list[int]]:
@@ -271,7 +259,8 @@ class OnlineDPOTask(TextTask):
         B, dev = batch.batch_size, batch.prompt_ids.device
         index = batch.extras.get("index")
         seed = generation_seed(self.cfg.run.seed, step, index.tolist() if index is not None else [])
-        if self.loss_name == "xpo":
+        xpo = self.method.name == "xpo"
+        if xpo:
             first = self._sample(model, batch.prompt_ids, batch.prompt_mask, seed)
             if self._ref_sampler is not None:
                 self._ref_sampler.to(dev)
@@ -312,19 +301,17 @@ class OnlineDPOTask(TextTask):
                       first_rewards=r1, second_rewards=r2)
         if self.options.ties == "drop":
             extras["sample_weight"] = (~tie).float()
-        if self.loss_name == "xpo":  # where the reference sample ỹ ended up: candidate 1 if the policy's won
+        if xpo:  # where the reference sample ỹ ended up: candidate 1 if the policy's won
             extras["ref_sample_index"] = first_wins.long()
         return TextBatch(batch.prompt_ids, batch.prompt_mask, pad.to(dev), mask.to(dev), None,
                          torch.tensor([[0.0, 1.0]]).expand(B, 2).clone().to(dev), batch.meta,
                          {k: v.to(dev) if torch.is_tensor(v) else v for k, v in extras.items()})
 
-    # -- scores and loss ----------------------------------------------------------------------------------
-    def score(self, model: nn.Module, batch: TextBatch) -> Scores:
-        return score_batch(model, batch)
-
+    # -- loss ---------------------------------------------------------------------------------------------
     def loss(self, policy: Scores, reference: Scores | None, batch: TextBatch, aux: Scores | None = None):
-        return online_loss(policy, reference, batch, self.loss_kwargs, alpha=self.alpha,
-                           xpo=self.loss_name == "xpo")
+        kwargs = dict(self.loss_kwargs)  # the row's options; xpo's row adds alpha (default 1e-5)
+        alpha = float(kwargs.pop("alpha", 0.0))
+        return online_loss(policy, reference, batch, kwargs, alpha=alpha, xpo=self.method.name == "xpo")
 
 
 def online_loss(policy: Scores, reference: Scores, batch: TextBatch, kwargs: dict, *, alpha: float = 0.0,

@@ -9,6 +9,12 @@ family's own config checks, and every problem is reported in one :class:`~mmalig
 The loss of a batch is the row's function on the family's scores, plus the optional SFT term (RPO/MPO,
 ``loss.sft_weight``) or, for unlearning rows with a retain set, the retain NLL; building, data, scoring, family
 metrics, saving and LoRA merges are the family's.
+
+Recipes (rows of METHODS with a ``recipe``: online DPO/XPO, sequence-level contrastive training, token guidance,
+Self-NPO) are subclasses of this task: the family is built here, once, and the subclass overrides hooks only
+(:meth:`PreferenceTask.check` for its options, and ``stage_data``, ``prepare_batch``, ``after_step``,
+``state_dict``, ``loss``, ``save_pretrained`` where its work differs). A recipe row runs only in its recipe's
+task, and a recipe's task runs only its own rows.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from ..config import ConfigError
 from ..losses import LossOutput
 from ..schema import StageConfig, TrainConfig
 from ..types import Scores
-from .table import Method, check_loss_kwargs, get_method, sft_loss
+from .table import METHODS, Method, check_loss_kwargs, get_method, sft_loss
 from .task import StageData, Task
 
 __all__ = ["PreferenceTask", "resolve_stage_losses", "stage_loss"]
@@ -45,9 +51,10 @@ def stage_loss(cfg: TrainConfig, stage: StageConfig | None) -> tuple[str, dict, 
             over.get("retain_weight", run.retain_weight))
 
 
-def resolve_stage_losses(cfg: TrainConfig, family: type[ModelFamily]) -> list[StageLoss]:
+def resolve_stage_losses(cfg: TrainConfig, family: type[ModelFamily], task: type | None = None) -> list[StageLoss]:
     """The loss settings of the run section and of every stage (in that order), checked: names, what the family
-    can feed, per-stage keys, loss options, the SFT / retain terms, and the family's own checks. Raises one
+    can feed, per-stage keys, loss options, the SFT / retain terms, the family's own checks and, with ``task``
+    (the task class to build), the recipe rules and the task's :meth:`PreferenceTask.check`. Raises one
     ConfigError listing every problem."""
     errors, uses = [], []
     for i, stage in enumerate([None, *cfg.stages]):
@@ -70,9 +77,29 @@ def resolve_stage_losses(cfg: TrainConfig, family: type[ModelFamily]) -> list[St
                           f"training loss to add ({family.cannot.get('nll', '')})")
         uses.append(StageLoss(where, method, kwargs, sft_weight, retain_weight))
     errors += family.check(cfg, uses)
+    if task is not None:
+        errors += _recipe_problems(task, uses)
+        errors += task.check(cfg, uses)
     if errors:
         raise ConfigError(errors)
     return uses
+
+
+def _recipe_problems(task: type, uses: list[StageLoss]) -> list[str]:
+    """A recipe row runs only in its recipe's task, and a recipe's task trains only its own rows (each recipe's
+    per-step work is built for its rows)."""
+    own = {f"{c.__module__}:{c.__qualname__}" for c in task.__mro__}
+    mine = sorted(n for n, m in METHODS.items() if m.recipe in own)
+    errors = []
+    for u in uses:
+        m = u.method
+        if m.recipe and m.recipe not in own:
+            errors.append(f"{u.where}.name={m.name}: the {m.recipe} recipe, not a loss of {task.__name__}; build "
+                          "the run with mmalign.api.build_task (it picks the task by loss name)")
+        elif not m.recipe and mine:
+            errors.append(f"{u.where}.name={m.name!r}: a {task.__name__} run trains every stage with {mine}; run "
+                          "other losses (e.g. an SFT stage) as their own run")
+    return errors
 
 
 class PreferenceTask(Task):
@@ -85,7 +112,7 @@ class PreferenceTask(Task):
     """
 
     family_cls: ClassVar[type[ModelFamily] | None] = None
-    method: Method | None = None  # the current stage's row (recipe subclasses may leave it unset)
+    method: Method | None = None  # the current stage's row
     loss_kwargs: dict
     sft_weight: float = 0.0
     retain_weight: float = 1.0
@@ -95,12 +122,18 @@ class PreferenceTask(Task):
         family = family or self.family_cls
         if family is None:
             raise TypeError(f"{type(self).__name__}: pass family= (a ModelFamily class)")
-        uses = resolve_stage_losses(cfg, family)  # every stage's loss, before anything is built
+        uses = resolve_stage_losses(cfg, family, type(self))  # every stage's loss, before anything is built
         self.family = family(cfg, [u.method for u in uses], **prebuilt)
         self._apply(uses[0])
         # The loop builds the reference once, before the first stage: a run whose later stage needs one (SFT then
         # DPO) must have it; configure_stage then says per stage whether to run its forward.
         self.needs_reference = any(u.method.needs_reference for u in uses)
+
+    @classmethod
+    def check(cls, cfg: TrainConfig, uses: list[StageLoss]) -> list[str]:
+        """Recipe config problems (options, reference strategy, ...), reported together with the loss and family
+        problems before anything is built; ``uses``: every stage's checked loss settings."""
+        return []
 
     @property
     def model(self) -> nn.Module:

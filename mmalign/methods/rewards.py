@@ -107,6 +107,16 @@ def _checked(spec: str, fn: BatchedReward) -> BatchedReward:
     return call
 
 
+def reward_model_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a saved reward model (None: it is one), checked without loading it."""
+    from ..models.text import VALUE_HEAD_FILE
+
+    if not (Path(path) / VALUE_HEAD_FILE).is_file():
+        return (f"options.reward_model={str(path)!r}: no {VALUE_HEAD_FILE} there, so the value head would be "
+                "random; point it at the `final/` directory of an `rm` run (loss.name=rm)")
+    return None
+
+
 class ModelReward:
     """Scores (prompt, completion) with a value-head reward model saved by mmalign's ``rm`` recipe.
 
@@ -115,12 +125,12 @@ class ModelReward:
     vocabulary."""
 
     def __init__(self, path: str | Path):
-        from ..models.text import VALUE_HEAD_FILE, load_causal_lm, load_tokenizer
+        from ..models.text import load_causal_lm, load_tokenizer
 
+        why = reward_model_problem(path)
+        if why is not None:
+            raise ConfigError(why)
         path = Path(path)
-        if not (path / VALUE_HEAD_FILE).is_file():
-            raise ConfigError(f"options.reward_model={str(path)!r}: no {VALUE_HEAD_FILE} there, so the value head "
-                              "would be random; point it at the `final/` directory of an `rm` run (loss.name=rm)")
         self.model = load_causal_lm(path, value_head=True).eval().requires_grad_(False)
         self.tokenizer = load_tokenizer(path)
 

@@ -47,17 +47,30 @@ SNR (α_T = 0) has no x0 estimate at t = T, which the task rejects.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from ..adapters.diffusion_family import DiffusionFamily
+from ..config import ConfigError
 from ..types import Scores
-from .task import StageData, Task
+from .preference import PreferenceTask
+from .task import StageData
 
 # NoiseLevels is unused here but re-exported: the TDFT math lived in this module first and is still imported from it.
 from .tdft import NoiseLevels as NoiseLevels
-from .tdft import ddim_grid, higher_levels, noise_levels, renoise, to_x0_eps, truncated_rollout
+from .tdft import (
+    SeedRange,
+    SelfNPOBatch,
+    ddim_grid,
+    higher_levels,
+    noise_levels,
+    read_prompts,
+    renoise,
+    to_x0_eps,
+    truncated_rollout,
+)
 
 # ------------------------------------------------------------------------------------------------ the task
 
@@ -106,8 +119,6 @@ class SelfNPOOptions:
     def from_kwargs(cls, kwargs: dict) -> SelfNPOOptions:
         from dataclasses import fields
 
-        from ..config import ConfigError
-
         names = {f.name for f in fields(cls)}
         errors = [f"loss.kwargs.{k} is not a Self-NPO option; valid: {sorted(names)}" for k in kwargs if k not in names]
         opts = cls(**{k: v for k, v in kwargs.items() if k in names})
@@ -132,92 +143,43 @@ class SelfNPOOptions:
         return opts
 
 
-@dataclass
-class SelfNPOBatch:
-    """B data-free examples: captions and every random draw of their step (drawn in the collate).
+class SelfNPOTask(PreferenceTask):
+    """Self-NPO (``modality: diffusion``, ``loss.name: self_npo``): the generic task over the diffusion family
+    (components, denoiser with or without LoRA, the run's save layout) plus hooks: data-free :meth:`stage_data`,
+    :meth:`score` (teacher rollout, re-noising, student x0), :meth:`loss`, :meth:`after_step` and
+    :meth:`state_dict` (the EMA teacher).
 
-    ``extras``: ``noise [B, C, h, w]`` (x_T, or the noise of the data image), ``renoise [B, C, h, w]`` (ε of
-    step 2), ``start_index [B]`` (grid index the rollout starts from), ``level_u [B]`` (uniform draw that picks s),
-    ``time_ids [B, 6]`` (SDXL), ``index [B]`` (added by the loop). ``images``: the data images' batch
-    (``start: data``), else None.
+    The teacher is the task's own (the row needs no reference: the teacher runs *before* the student, on states
+    the student then sees): a frozen copy of the initial denoiser, the denoiser with its LoRA adapter disabled
+    (no copy), or an EMA copy updated after every optimizer step and checkpointed, so resumed runs are exact.
+    Each example's draws (x_T or data noise, re-noising ε, start index, level of s, prompt) come from a generator
+    seeded with ``(run seed, index, visit)``: they ride on the batch, whatever the batch size or process count.
     """
 
-    captions: list[str]
-    extras: dict[str, Tensor]
-    images: object = None  # an ImageBatch for start="data"
-    meta: list[dict] = field(default_factory=list)
+    family_cls = DiffusionFamily
+    family: DiffusionFamily
 
-    @property
-    def batch_size(self) -> int:
-        return len(self.captions)
+    @classmethod
+    def check(cls, cfg, uses) -> list[str]:
+        errors = [f"stages.{i}.loss: per-stage loss overrides are not supported by self_npo (one loss.kwargs)"
+                  for i, s in enumerate(cfg.stages) if s.loss]
+        errors += [f"stages.{i}.merge_lora=true is not supported by self_npo (use one stage)"
+                   for i, s in enumerate(cfg.stages) if s.merge_lora]
+        try:
+            SelfNPOOptions.from_kwargs(dict(cfg.loss.kwargs))
+        except ConfigError as e:
+            errors += e.errors
+        return errors
 
-    def to(self, device: torch.device | str) -> SelfNPOBatch:
-        extras = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.extras.items()}
-        images = self.images.to(device) if self.images is not None else None
-        return SelfNPOBatch(self.captions, extras, images, self.meta)
-
-
-class _SeedRange(torch.utils.data.Dataset):
-    """``num_samples`` example indices; the epoch of each visit (for the seeds) is counted per index."""
-
-    def __init__(self, n: int):
-        self.n = n
-        self._visits: dict[int, int] = {}
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, index: int) -> tuple[int, int]:
-        epoch = self._visits.get(index, 0)
-        self._visits[index] = epoch + 1
-        return index, epoch
-
-
-def _read_prompts(path: str) -> list[str]:
-    from pathlib import Path
-
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"loss.kwargs.prompts_file={path!r} does not exist; give a text file with one "
-                                "prompt per line")
-    prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"loss.kwargs.prompts_file={path!r} holds no prompts (one per line)")
-    return prompts
-
-
-class SelfNPOTask(Task):
-    """Self-NPO as a :class:`~mmalign.train.loop.Task` (``modality: diffusion``, ``loss.name: self_npo``).
-
-    The teacher is the task's own (``needs_reference = False``: the loop runs no reference pass, because the
-    teacher must run *before* the student, on states the student then sees): a frozen copy of the initial
-    denoiser, the same denoiser with its LoRA adapter disabled (no copy), or an EMA copy updated by the loop's
-    ``after_step`` hook after every optimizer step and saved in checkpoints (``state_dict``), so resumed runs are
-    exact. Each example's draws (x_T or data noise, re-noising ε, start index, level of s, prompt) come from a
-    generator seeded with ``(run seed, index, visit)``: they ride on the batch and do not depend on batch size or
-    process count.
-    """
-
-    def __init__(self, cfg, *, components=None, model=None):
+    def __init__(self, cfg, *, components=None):
         import copy
 
-        from ..adapters.diffusion import DiffusionAdapter
-        from .diffusion import build_components, build_denoiser
-
-        self.cfg = cfg
+        super().__init__(cfg, components=components)  # checks everything (check above), builds the family once
         self.opts = SelfNPOOptions.from_kwargs(dict(cfg.loss.kwargs))
-        self.needs_reference = False
-        self.components = components if components is not None else build_components(cfg)
-        # a tiny base cannot be rebuilt from a path: keep its initial weights to save beside the result
-        self._tiny_base = copy.deepcopy(self.components.denoiser) if self.components.source == "tiny" else None
         self.resolution = cfg.diffusion.resolution
-        self.adapter = DiffusionAdapter(self.components, resolution=self.resolution)
-        self.model = model if model is not None else build_denoiser(cfg, self.components)
         self.levels = noise_levels(self.components.scheduler)
         self.grid = ddim_grid(self.levels.num_levels, self.opts.grid_steps)
         if self.levels.prediction_type == "epsilon" and float(self.levels.alpha[-1]) == 0.0:
-            from ..config import ConfigError
-
             raise ConfigError(["self_npo: an ε-prediction model with zero terminal SNR (α_T = 0) has no x0 "
                                "estimate at t = T = (x − σε̂)/α; use a v- or x0-prediction model"])
         self.latent_shape = self.components.latent_shape(self.resolution)
@@ -229,12 +191,20 @@ class SelfNPOTask(Task):
             self._teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
         self._image_data = None
 
+    @property
+    def components(self):
+        return self.family.components
+
+    @property
+    def adapter(self):
+        return self.family.adapter
+
     # -- data -------------------------------------------------------------------------------------------------
     def _prompts(self) -> list[str]:
         if self.opts.prompts:
             return [str(p) for p in self.opts.prompts]
         if self.opts.prompts_file:
-            return _read_prompts(self.opts.prompts_file)
+            return read_prompts(self.opts.prompts_file)
         if self.cfg.data.train and self.opts.start == "noise":
             from ..data.image import load_image_records
 
@@ -245,7 +215,7 @@ class SelfNPOTask(Task):
     def stage_data(self, stage):
         if self.opts.start == "data":
             return self._image_stage_data(stage)
-        ds = _SeedRange(self.opts.num_samples)
+        ds = SeedRange(self.opts.num_samples)
         key = f"self_npo:{self.cfg.run.seed}:{self.opts.num_samples}:{self.prompts!r}"
         return StageData(train=ds, collate=self.collate, stats={"prompts": len(self.prompts)}, key=key)
 
@@ -255,8 +225,6 @@ class SelfNPOTask(Task):
 
         sources = stage.train or self.cfg.data.train
         if not sources:
-            from ..config import ConfigError
-
             raise ConfigError(["loss.kwargs.start=data (the released code's variant) needs images: set data.train "
                                "to image-caption rows ({caption, image}), or use start=noise (data-free)"])
         records, stats = load_image_records(sources, skip_bad_rows=self.cfg.data.skip_bad_rows)
@@ -265,12 +233,6 @@ class SelfNPOTask(Task):
         self._image_data.noise_sampler = make_noise_sampler(self.components, self.resolution, seed=self.cfg.run.seed)
         return StageData(train=self._image_data, collate=self.collate, stats=dict(stats),
                          key=f"self_npo_data:{len(records)}")
-
-    def configure_stage(self, stage) -> None:
-        if stage.loss:
-            from ..config import ConfigError
-
-            raise ConfigError([f"stage {stage.name!r}: per-stage loss overrides are not supported by self_npo"])
 
     def collate(self, items) -> SelfNPOBatch:
         from ..data.noise import example_seed
@@ -426,14 +388,12 @@ class SelfNPOTask(Task):
         and :mod:`mmalign.models.npo_weights` read Self-NPO results like any other."""
         from ..models.diffusion import save_denoiser_run
 
-        save_denoiser_run(self.components, model, path, tiny_base=self._tiny_base, state_dict=state_dict,
+        save_denoiser_run(self.components, model, path, tiny_base=self.family._tiny_base, state_dict=state_dict,
                           info={"method": "self_npo", "self_npo": dict(vars(self.opts))})
 
     def merge_lora(self) -> None:
         raise NotImplementedError("stage.merge_lora is not supported by self_npo (use one stage)")
 
-
-# ------------------------------------------------------------------------------------------------ model plumbing
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

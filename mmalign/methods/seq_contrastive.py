@@ -36,16 +36,16 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .. import losses as L
-from ..adapters.causal_lm import score_batch, unwrap_causal_lm
+from ..adapters.causal_lm import unwrap_causal_lm
+from ..adapters.causal_lm_family import content_key
 from ..config import ConfigError, from_dict
 from ..data import negatives as N
 from ..data.batches import TextBatch
 from ..schema import StageConfig, TrainConfig
 from ..types import Scores
+from .table import METHODS
 from .task import StageData
-from .text import CausalLMFamily, TextTask, _content_key, _stage_loss
-from .text_losses import TextMethod, check_loss_kwargs, ranking_order
+from .text import TextTask
 
 Kind = Literal["autoregressive", "batch", "mean_field", "truncation"]
 
@@ -83,33 +83,17 @@ class SeqContrastiveOptions:
         return errors
 
 
-def _pl_loss(p: Scores, r: Scores, batch: TextBatch, kw: dict) -> L.LossOutput:
-    kw = dict(kw)
-    beta = kw.pop("beta", 0.1)
-    order = ranking_order(batch.labels, batch.candidate_mask)
-    return L.plackett_luce(p.logps - r.logps, order, candidate_mask=batch.candidate_mask, beta=beta, **kw)
+METHOD = METHODS["seq_contrastive"]  # its row: Plackett–Luce over the log-ratios, options of L.plackett_luce
 
 
-METHOD = TextMethod("seq_contrastive", "sft", True, _pl_loss, citation="arXiv 2502.16433",
-                    loss_fn=L.plackett_luce)
-
-
-def check_config(cfg: TrainConfig) -> SeqContrastiveOptions:
-    """The typed ``options:`` of a seq_contrastive run; every problem of the run config (options, per-stage loss
-    names and kwargs, reference strategy, data format) in one :class:`~mmalign.config.ConfigError`."""
+def config_problems(cfg: TrainConfig) -> list[str]:
+    """Every problem of a seq_contrastive run beyond its loss names and kwargs (checked against the row):
+    ``options``, the reference strategy and the data format."""
     errors: list[str] = []
-    opts = None
     try:
-        opts = from_dict(SeqContrastiveOptions, cfg.options, source="options")
+        from_dict(SeqContrastiveOptions, cfg.options, source="options")
     except ConfigError as e:
         errors += [f"options: {m}" for m in e.errors]
-    for i, stage in enumerate([None, *cfg.stages]):
-        where = "loss" if stage is None else f"stages.{i - 1}.loss"
-        name, kwargs, _, _ = _stage_loss(cfg, stage)
-        if name != METHOD.name:
-            errors.append(f"{where}.name={name!r}: a seq_contrastive run trains every stage with seq_contrastive; "
-                          "run other losses (e.g. the SFT stage) as their own run")
-        errors += check_loss_kwargs(METHOD, kwargs, where=f"{where}.kwargs")
     if cfg.reference.strategy in ("precomputed", "none"):
         errors.append(f"reference.strategy={cfg.reference.strategy!r} cannot serve seq_contrastive: negatives are "
                       "new every step (no cached scores) and the loss needs π_ref; use auto, copy, adapter, sync "
@@ -117,9 +101,7 @@ def check_config(cfg: TrainConfig) -> SeqContrastiveOptions:
     if cfg.data.format not in ("auto", "sft"):
         errors.append(f"data.format={cfg.data.format!r}: seq_contrastive reads SFT rows (prompt/completion); "
                       "set data.format=sft or auto")
-    if errors or opts is None:
-        raise ConfigError(errors)
-    return opts
+    return errors
 
 
 class _EvalView:
@@ -143,16 +125,18 @@ def _seed(*parts) -> int:
 
 
 class SeqContrastiveTask(TextTask):
-    """Text recipe for Feng et al.'s contrastive training on SFT rows (see the module docstring)."""
+    """Text recipe for Feng et al.'s contrastive training on SFT rows (see the module docstring): the text task
+    with its row (Plackett–Luce over the log-ratios, the optional SFT term) plus the hooks :meth:`prepare_batch`
+    (this step's negatives), :meth:`stage_data` (negatives for eval batches too) and :meth:`loss` (per-kind
+    metrics)."""
+
+    @classmethod
+    def check(cls, cfg: TrainConfig, uses) -> list[str]:
+        return config_problems(cfg)
 
     def __init__(self, cfg: TrainConfig, *, tokenizer=None, model: nn.Module | None = None):
-        # TextTask.__init__ checks loss names against TEXT_METHODS, which seq_contrastive is not in: set up here.
-        self.opts = check_config(cfg)
-        self.cfg = cfg
-        self.method = METHOD
-        self.needs_reference = True
-        _, self.loss_kwargs, self.sft_weight, self.retain_weight = _stage_loss(cfg, None)
-        self.family = CausalLMFamily(cfg, [], tokenizer=tokenizer, model=model)  # the tokenizer and the policy
+        super().__init__(cfg, tokenizer=tokenizer, model=model)  # checks everything (check above), builds once
+        self.opts = from_dict(SeqContrastiveOptions, cfg.options, source="options")
         self.eos_id = self.tokenizer.eos_token_id
         if self.eos_id is None:
             raise ConfigError("seq_contrastive needs a tokenizer with an eos_token (truncation negatives and "
@@ -177,11 +161,8 @@ class SeqContrastiveTask(TextTask):
 
         data.eval = _EvalView(data.eval)
         data.collate = collate
-        data.eval_key = data.eval_key or _content_key(data.eval)
+        data.eval_key = data.eval_key or content_key(data.eval)
         return data
-
-    def configure_stage(self, stage: StageConfig) -> None:
-        _, self.loss_kwargs, self.sft_weight, self.retain_weight = _stage_loss(self.cfg, stage)
 
     def add_negatives(self, model: nn.Module, batch: TextBatch, seed: int) -> TextBatch:
         """``batch`` (K=1 ground truths) with the configured negatives appended (see
@@ -215,17 +196,13 @@ class SeqContrastiveTask(TextTask):
         idx = tuple(batch.extras["index"].tolist()) if "index" in batch.extras else ()
         return self.add_negatives(model, batch, _seed(self.cfg.run.seed, step, idx))
 
-    # -- scores and loss ----------------------------------------------------------------------------------
-    def score(self, model: nn.Module, batch: TextBatch) -> Scores:
-        return score_batch(model, batch)  # every candidate shares its prompt's KV cache
-
+    # -- loss ---------------------------------------------------------------------------------------------
     def loss(self, policy: Scores, reference: Scores | None, batch: TextBatch, aux: Scores | None = None):
+        """The row's loss (+ ``loss.sft_weight`` × MLE on the positive, as the paper suggests combining; weight
+        unverified), with per-kind metrics."""
         if reference is None:
             raise ValueError("seq_contrastive needs reference scores (π_ref = the model before this run)")
-        out = _pl_loss(policy, reference, batch, self.loss_kwargs)
-        if self.sft_weight:  # MLE on the positive, as the paper suggests combining (weight unverified)
-            sft = L.nll(policy.token_logps[:, 0], policy.token_mask[:, 0])
-            out = L.combine([(METHOD.name, 1.0, out), ("sft", self.sft_weight, sft)])
+        out = super().loss(policy, reference, batch, aux)
         out.metrics.update(_kind_metrics(policy, reference, batch))
         return out
 

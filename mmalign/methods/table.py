@@ -23,6 +23,13 @@ A row (:class:`Method`):
 ``reverses_preferences``  the row trains on the reversed preference (Diffusion-NPO)
 ``mismatched_kl``   KTO: families that can also score (prompt i, completion i+1) give z0 that way
 ``token_masks``     SparsePO's mask source: ``learned`` (mask heads) or ``activation``
+``recipe``          ``"module:Class"`` of the task that runs the row, for rows with per-step work (online
+                    generation, self-made negatives, a second model, a teacher rollout): a
+                    :class:`~mmalign.methods.preference.PreferenceTask` subclass with hooks, which
+                    :func:`mmalign.api.build_task` builds instead of the family's task; ``fn`` is then ``None`` or
+                    what the recipe's ``loss`` calls
+``family``          recipe rows: the one family their task builds; any other family refuses the row
+``data_free``       the recipe makes its own inputs: the run needs no ``data.train`` (Self-NPO)
 ==================  ==========================================================================================
 """
 
@@ -41,8 +48,8 @@ from ..losses import LossOutput
 from ..types import Scores
 from . import clip_losses as CL
 
-__all__ = ["ALIASES", "METHODS", "Method", "check_loss_kwargs", "get_method", "loss_options", "ranking_order",
-           "sft_loss"]
+__all__ = ["ALIASES", "METHODS", "Method", "check_loss_kwargs", "find_method", "get_method", "loss_options",
+           "ranking_order", "refusal", "sft_loss", "valid_names"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,9 @@ class Method:
     mismatched_kl: bool = False
     token_masks: str = ""
     why: str = ""  # a row without loss_fn: where its options are checked instead
+    recipe: str = ""
+    family: str = ""
+    data_free: bool = False
 
     def __post_init__(self):
         if isinstance(self.formats, str):
@@ -71,6 +81,8 @@ class Method:
         object.__setattr__(self, "needs", frozenset(self.needs))
         if self.unlearning and not self.aux:
             object.__setattr__(self, "aux", "retain")
+        if bool(self.recipe) != bool(self.family):
+            raise ValueError(f"row {self.name!r}: recipe and family go together")
 
     @property
     def data_format(self) -> str:
@@ -244,6 +256,7 @@ def _sft(p: Scores, r, batch, kw: dict) -> LossOutput:
 _SEQ = frozenset({"logps", "lengths"})
 _TOKEN = frozenset({"token_logps", "token_kl"})
 _PAIRS_OR_SFT = ("sft", "pairs")
+_ONLINE = "mmalign.methods.online:OnlineDPOTask"
 
 METHODS: dict[str, Method] = {
     m.name: m
@@ -273,6 +286,22 @@ METHODS: dict[str, Method] = {
                token_masks="learned"),
         Method("sparsepo_activation", "pairs", True, _sparsepo, _TOKEN, L.sparse_token_dpo,
                "arXiv 2410.05102 (activation masks, 'MAPO' in the repo)", token_masks="activation"),
+        # Recipes: rows with per-step work, run by their own task (the generic task + hooks; see `recipe`).
+        Method("online_dpo", "prompts", True, None, _SEQ, L.dpo, "arXiv 2402.04792 (TRL OnlineDPOTrainer)",
+               recipe=_ONLINE, family="causal_lm"),
+        Method("xpo", "prompts", True, None, _SEQ, L.dpo, "arXiv 2405.21046 (TRL XPOTrainer)",
+               defaults={"alpha": 1e-5}, recipe=_ONLINE, family="causal_lm"),
+        Method("seq_contrastive", "sft", True, _plackett_luce, {"logps"}, L.plackett_luce, "arXiv 2502.16433",
+               recipe="mmalign.methods.seq_contrastive:SeqContrastiveTask", family="causal_lm"),
+        Method("token_guidance", _PAIRS_OR_SFT, False, None, {"token_logps"}, None, "arXiv 2306.00398",
+               why="options.* (TokenGuidanceOptions, checked by the task)",
+               recipe="mmalign.methods.token_guidance:TokenGuidanceTask", family="causal_lm"),
+        Method("self_npo", "sft", False, None, {"logps"}, None, "Self-NPO, arXiv 2505.11777",
+               why="loss.kwargs are Self-NPO's options (SelfNPOOptions, checked by the task)",
+               recipe="mmalign.methods.self_npo:SelfNPOTask", family="diffusion", data_free=True),
+        Method("prior", "sft", False, None, {"token_logps"}, None, "PRIOR, arXiv 2505.08971",
+               why="prior.* (PriorConfig); loss.kwargs must be empty", recipe="mmalign.methods.prior:PriorTask",
+               family="lvlm"),
         # Contrastive rows (dual-encoder family): image–caption pairs, in-batch negatives; options = defaults.
         Method("clip", "pairs", False, CL.clip_row, {"embeddings"}, None, "arXiv 2103.00020 (open_clip ClipLoss)",
                why=CL.OPTIONS),
@@ -296,32 +325,37 @@ _FROM_BATCH = {"chosen_lengths", "rejected_lengths", "nll_loss", "kl_ref_point",
 TOKEN_OPTIONS = {"reduction_over_tokens", "token_level_mean"}
 
 
+def refusal(method: Method, family) -> str | None:
+    """Why ``family`` (a ModelFamily class) cannot run ``method`` (None: it can): a recipe row runs only on the
+    family its task builds; any row whose ``needs`` the family does not provide is refused by the family."""
+    if method.family and method.family != family.name:
+        return (f"loss {method.name!r} cannot run on the {family.name} family: it is a recipe of the "
+                f"{method.family} family ({method.recipe} builds that family's model)")
+    return family.refusal(method)
+
+
 def valid_names(family) -> list[str]:
-    """Sorted names (and aliases) of the rows ``family`` can feed."""
-    ok = {n for n, m in METHODS.items() if family.refusal(m) is None}
+    """Sorted names (and aliases) of the rows ``family`` can run (recipe rows included)."""
+    ok = {n for n, m in METHODS.items() if refusal(m, family) is None}
     return sorted(ok | {a for a, n in ALIASES.items() if n in ok})
+
+
+def find_method(name: str) -> Method | None:
+    """The row named ``name`` (or an alias), or None; no family check."""
+    return METHODS.get(ALIASES.get(name, name))
 
 
 def get_method(name: str, family=None, where: str = "loss") -> Method:
     """The row named ``name`` (or an alias), checked against ``family`` (a ModelFamily class) when given:
-    unknown names list the sorted valid ones, recipe names point at their task, rows the family cannot feed say
-    why. Raises :class:`~mmalign.config.ConfigError` with one message prefixed by ``where``."""
-    from ..registry import MODALITIES
-
-    canonical = ALIASES.get(name, name)
-    if family is not None:
-        row = MODALITIES.get(family.modality)
-        recipe = row.recipes.get(name) if row is not None else None
-        if recipe is not None:
-            raise ConfigError(f"{where}.name={name} is the {recipe.task} recipe, not a preference loss of the "
-                              f"{family.name} family (build it through mmalign.api.build_task)")
-    if canonical not in METHODS:
+    unknown names list the sorted valid ones, rows the family cannot run say why. Raises
+    :class:`~mmalign.config.ConfigError` with one message prefixed by ``where``."""
+    method = find_method(name)
+    if method is None:
         kind = f"{family.modality} " if family is not None else ""
         valid = valid_names(family) if family is not None else sorted([*METHODS, *ALIASES])
         raise ConfigError(f"{where}.name={name!r} is not a {kind}method; valid: {valid}")
-    method = METHODS[canonical]
     if family is not None:
-        why = family.refusal(method)
+        why = refusal(method, family)
         if why is not None:
             raise ConfigError(f"{where}.name={name!r}: {why}")
     return method

@@ -11,11 +11,15 @@ Model-free pieces that :class:`mmalign.methods.self_npo.SelfNPOTask` composes in
   x_{t_K} to it::
 
       x_s = (α_s/α_t)·x_t + sqrt(σ_s² − σ_t²·α_s²/α_t²)·ε          (α_t = sqrt(ᾱ_t), σ_t = sqrt(1 − ᾱ_t))
+
+* The data-free inputs: :class:`SeedRange` (example indices with a visit count, for per-example seeds),
+  :class:`SelfNPOBatch` (captions and every random draw of a step) and :func:`read_prompts`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -154,3 +158,59 @@ def higher_levels(t_end: Tensor, u: Tensor, num_levels: int) -> Tensor:
     t_end = T − 1 gives s = T − 1)."""
     low = (t_end.long().cpu() + 1).clamp(max=num_levels - 1)
     return (low + (u.double().cpu() * (num_levels - low)).floor().long()).clamp(max=num_levels - 1)
+
+
+# ------------------------------------------------------------------------------------------ data-free inputs
+
+
+@dataclass
+class SelfNPOBatch:
+    """B data-free examples: captions and every random draw of their step (drawn in the collate).
+
+    ``extras``: ``noise [B, C, h, w]`` (x_T, or the noise of the data image), ``renoise [B, C, h, w]`` (ε of
+    step 2), ``start_index [B]`` (grid index the rollout starts from), ``level_u [B]`` (uniform draw that picks s),
+    ``time_ids [B, 6]`` (SDXL), ``index [B]`` (added by the loop). ``images``: the data images' batch
+    (``start: data``), else None.
+    """
+
+    captions: list[str]
+    extras: dict[str, Tensor]
+    images: object = None  # an ImageBatch for start="data"
+    meta: list[dict] = field(default_factory=list)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.captions)
+
+    def to(self, device: torch.device | str) -> SelfNPOBatch:
+        extras = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.extras.items()}
+        images = self.images.to(device) if self.images is not None else None
+        return SelfNPOBatch(self.captions, extras, images, self.meta)
+
+
+class SeedRange(torch.utils.data.Dataset):
+    """``num_samples`` example indices; the epoch of each visit (for the seeds) is counted per index."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self._visits: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        epoch = self._visits.get(index, 0)
+        self._visits[index] = epoch + 1
+        return index, epoch
+
+
+def read_prompts(path: str) -> list[str]:
+    """The prompts of ``loss.kwargs.prompts_file``: one per non-empty line."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"loss.kwargs.prompts_file={path!r} does not exist; give a text file with one "
+                                "prompt per line")
+    prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"loss.kwargs.prompts_file={path!r} holds no prompts (one per line)")
+    return prompts

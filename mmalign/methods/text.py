@@ -6,8 +6,8 @@
 own data, so everything works offline on a laptop CPU; any other value is a checkpoint loaded with
 ``from_pretrained`` (the same path users take for Qwen/Llama checkpoints).
 
-The names below stay importable from here for the text recipes (online DPO/XPO, sequence-level contrastive
-training, token guidance), which build on the same family.
+The text recipes (online DPO/XPO, sequence-level contrastive training, token guidance) subclass
+:class:`TextTask` and override its hooks; the family is built once, here.
 """
 
 from __future__ import annotations
@@ -15,21 +15,14 @@ from __future__ import annotations
 from torch import nn
 
 from ..adapters.causal_lm_family import MASK_HEADS, CausalLMFamily, build_model, build_tokenizer
-from ..adapters.causal_lm_family import _with_mismatched as _with_mismatched
-from ..adapters.causal_lm_family import content_key as _content_key
 from ..schema import TrainConfig
 from .preference import PreferenceTask
-from .preference import stage_loss as _stage_loss
 
-__all__ = ["MASK_HEADS", "CausalLMFamily", "TextTask", "_content_key", "_stage_loss", "build_model",
-           "build_tokenizer"]
+__all__ = ["MASK_HEADS", "CausalLMFamily", "TextTask", "build_model", "build_tokenizer"]
 
 
 class TextTask(PreferenceTask):
-    """Any METHODS row on a causal LM. ``tokenizer`` / ``model``: prebuilt parts (else built from the config).
-
-    Recipe subclasses that skip this ``__init__`` set ``self.family = CausalLMFamily(cfg, [], tokenizer=...,
-    model=...)`` and inherit stage data, saving and LoRA merges from it."""
+    """Any METHODS row on a causal LM. ``tokenizer`` / ``model``: prebuilt parts (else built from the config)."""
 
     family_cls = CausalLMFamily
 

@@ -56,6 +56,7 @@ import torch
 from torch import Tensor, nn
 
 from ..adapters.causal_lm import score_batch, unwrap_causal_lm
+from ..adapters.causal_lm_family import build_model, content_key
 from ..config import ConfigError, from_dict
 from ..data.batches import TextBatch
 from ..losses import (
@@ -70,7 +71,8 @@ from ..losses import (
 from ..schema import StageConfig, TrainConfig
 from ..types import Scores
 from .rewards import TokenRewardModel, flat_sequences, load_reward_fn
-from .task import StageData, Task
+from .task import StageData
+from .text import TextTask
 
 log = logging.getLogger(__name__)
 
@@ -154,35 +156,46 @@ def policy_logps_entropy(policy: nn.Module, batch: TextBatch) -> tuple[Tensor, T
 
 # -- the recipe ---------------------------------------------------------------------------------------------
 
-class TokenGuidanceTask(Task):
-    """Task for ``loss.name: token_guidance`` (see the module docstring)."""
+class TokenGuidanceTask(TextTask):
+    """``loss.name: token_guidance`` (module docstring): the text task (its family builds, saves the policy) plus the
+    token-reward model it owns (``model``: a :class:`GuidanceModel` of both) and hooks for the per-step samples,
+    the two phases' scores and losses, and saving the reward model. ``policy`` / ``reward_model``: prebuilt."""
+
+    @classmethod
+    def check(cls, cfg: TrainConfig, uses) -> list[str]:
+        try:
+            opts = from_dict(TokenGuidanceOptions, dict(cfg.options), source="options")
+        except ConfigError as e:
+            return e.errors
+        errors = [f"options.{e}" for e in opts.validate()]
+        errors += [f"{u.where}.kwargs={u.kwargs}: token_guidance takes no loss options; its settings are options.*"
+                   for u in uses if u.kwargs]
+        errors += [f"stages.{i}.merge_lora=true is not supported by token_guidance"
+                   for i, s in enumerate(cfg.stages) if s.merge_lora]
+        try:
+            load_reward_fn(opts.reward_fn)
+        except ConfigError as e:
+            errors += e.errors
+        return errors
 
     def __init__(self, cfg: TrainConfig, *, tokenizer=None, policy: nn.Module | None = None,
                  reward_model: TokenRewardModel | None = None):
-        from .text import build_model, build_tokenizer
-
-        self.cfg = cfg
+        super().__init__(cfg, tokenizer=tokenizer, model=policy)  # checks everything (check above), builds once
         self.opts: TokenGuidanceOptions = from_dict(TokenGuidanceOptions, dict(cfg.options), source="options")
-        errors = [f"options.{e}" for e in self.opts.validate()]
-        for i, s in enumerate(cfg.stages):
-            name = (s.loss or {}).get("name", "token_guidance")
-            if name != "token_guidance":
-                errors.append(f"stages.{i}.loss.name={name!r}: a token_guidance run trains only token_guidance "
-                              "stages; run other losses in their own run")
-            if s.merge_lora:
-                errors.append(f"stages.{i}.merge_lora=true is not supported by token_guidance")
-        if errors:
-            raise ConfigError(errors)
         self.reward_fn = load_reward_fn(self.opts.reward_fn)
-        self.needs_reference = False
-        self.tokenizer = tokenizer or build_tokenizer(cfg)
-        policy = policy or build_model(cfg, self.tokenizer, value_head=False)
-        reward_model = reward_model or self._build_reward_model()
-        self.model = GuidanceModel(policy, reward_model)
+        self._guidance = GuidanceModel(self.family.model, reward_model or self._build_reward_model())
+
+    @property
+    def model(self) -> GuidanceModel:
+        """The policy (the family's model) and the token-reward model, trained by the loop's one optimizer."""
+        return self._guidance
+
+    @model.setter
+    def model(self, value: GuidanceModel) -> None:
+        self._guidance, self.family.model = value, value.policy
 
     def _build_reward_model(self) -> TokenRewardModel:
         from ..models.text import build_tiny_causal_lm, load_causal_lm
-        from .text import build_model
 
         o, cfg = self.opts, self.cfg
         if o.reward_backbone == "policy":  # same initial weights as the policy, no LoRA
@@ -200,8 +213,8 @@ class TokenGuidanceTask(Task):
 
     # -- data ---------------------------------------------------------------------------------------------
     def stage_data(self, stage: StageConfig) -> StageData:
+        """The rows in ``data.format`` as given (``auto``: SFT rows or pairs, whose chosen is the WMLE target)."""
         from ..data.text import build_text_dataset
-        from .text import _content_key
 
         dc = self.cfg.data
 
@@ -215,11 +228,8 @@ class TokenGuidanceTask(Task):
         if dc.eval:  # evaluated as the reward-weighted NLL of the held-out completions
             eval_ds, eval_stats = load(dc.eval)
             stats.update({f"eval/{k}": v for k, v in eval_stats.items()})
-        return StageData(train=train, collate=train.collate, eval=eval_ds, stats=stats, key=_content_key(train),
-                         eval_key=_content_key(eval_ds) if eval_ds is not None else "")
-
-    def configure_stage(self, stage: StageConfig) -> None:
-        pass  # one method throughout; stage names/steps/lr/data come from the loop
+        return StageData(train=train, collate=train.collate, eval=eval_ds, stats=stats, key=content_key(train),
+                         eval_key=content_key(eval_ds) if eval_ds is not None else "")
 
     def phase(self, step: int) -> int:
         """GUIDANCE for the first ``guidance_steps`` steps of each cycle, then LM for ``lm_steps``."""
@@ -352,16 +362,15 @@ class TokenGuidanceTask(Task):
 
     # -- model lifecycle ----------------------------------------------------------------------------------
     def save_pretrained(self, model: nn.Module, path: Path, state_dict: dict | None = None) -> None:
-        """The policy (and tokenizer) at ``path`` as TextTask writes an LM; the token-reward model in
+        """The policy (and tokenizer) at ``path`` as the causal-LM family writes an LM; the token-reward model in
         ``path/token_reward_model`` (:meth:`TokenRewardModel.from_pretrained` reads it). ``state_dict``: the
         gathered weights of a sharded run (keys relative to ``model``)."""
         from ..models import sub_state_dict
-        from ..models.text import save_causal_lm
 
         wrapped = hasattr(model, "policy")
         policy = model.policy if wrapped else model
-        save_causal_lm(policy, self.tokenizer, path, in_memory_base=self.cfg.model.name_or_path == "tiny",
-                       state_dict=sub_state_dict(state_dict, "policy.") if wrapped else state_dict)
+        self.family.save(policy, path, state_dict=sub_state_dict(state_dict, "policy.") if wrapped else state_dict,
+                         method=self.method)
         reward = getattr(model, "reward", None)
         if reward is not None:
             reward.save_pretrained(Path(path) / "token_reward_model", state_dict=sub_state_dict(state_dict, "reward."))

@@ -11,7 +11,7 @@ from mmalign.adapters.causal_lm_family import CausalLMFamily
 from mmalign.adapters.diffusion_family import DiffusionFamily
 from mmalign.adapters.family import NEEDS, ModelFamily
 from mmalign.config import ConfigError
-from mmalign.methods.table import ALIASES, METHODS, Method, check_loss_kwargs, get_method, valid_names
+from mmalign.methods.table import ALIASES, METHODS, Method, check_loss_kwargs, get_method, refusal, valid_names
 
 FORMATS = {"pairs", "unpaired", "ranked", "sft", "prompts"}
 
@@ -19,7 +19,8 @@ FORMATS = {"pairs", "unpaired", "ranked", "sft", "prompts"}
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_row_is_complete(name):
     m = METHODS[name]
-    assert m.name == name and callable(m.fn)
+    assert m.name == name and (callable(m.fn) or m.recipe), f"{name}: only a recipe's task may compute the loss"
+    assert bool(m.recipe) == bool(m.family) and (m.recipe or not m.data_free)
     assert m.loss_fn is not None or m.why, f"{name}: give the pure loss whose options loss.kwargs sets, or why not"
     assert m.needs and m.needs <= set(NEEDS), sorted(m.needs - set(NEEDS))
     assert m.formats and set(m.formats) <= FORMATS
@@ -51,9 +52,21 @@ def test_unknown_name_lists_the_sorted_valid_names():
         get_method("nope")  # no family: every name
 
 
-def test_recipe_names_point_at_their_task():
-    with pytest.raises(ConfigError, match="self_npo.*SelfNPOTask recipe.*build_task"):
-        get_method("self_npo", DiffusionFamily)
+def test_recipe_rows_are_rows_of_their_family():
+    """Recipe names are valid names of their family (listed on a typo), refused by the others with the reason;
+    the family's plain task refuses them and points at build_task."""
+    from mmalign.api import load_train_config
+    from mmalign.methods.diffusion import DiffusionTask
+    from mmalign.methods.preference import resolve_stage_losses
+
+    assert get_method("self_npo", DiffusionFamily).recipe == "mmalign.methods.self_npo:SelfNPOTask"
+    assert METHODS["xpo"].defaults == {"alpha": 1e-5} and check_loss_kwargs(METHODS["xpo"], {"alpha": 0.1}) == []
+    assert check_loss_kwargs(METHODS["online_dpo"], {"alpha": 0.1})  # only XPO has an exploration bonus
+    with pytest.raises(ConfigError, match="recipe of the diffusion family"):
+        get_method("self_npo", CausalLMFamily)
+    cfg = load_train_config({"modality": "diffusion", "loss": {"name": "self_npo"}})
+    with pytest.raises(ConfigError, match="self_npo: the mmalign.methods.self_npo:SelfNPOTask recipe.*build_task"):
+        resolve_stage_losses(cfg, DiffusionFamily, DiffusionTask)
 
 
 @pytest.mark.parametrize("family", [CausalLMFamily, DiffusionFamily], ids=lambda f: f.name)
@@ -72,11 +85,15 @@ def test_refusal_follows_needs(name, family):
 
 def test_the_text_and_diffusion_rows():
     """Every non-contrastive row runs on the causal LM; the diffusion family refuses the per-token and value-head
-    rows only."""
-    sequence_rows = {n for n, m in METHODS.items() if "embeddings" not in m.needs}
-    assert {n for n in sequence_rows if CausalLMFamily.refusal(METHODS[n]) is None} == sequence_rows
-    refused = {n for n in sequence_rows if DiffusionFamily.refusal(METHODS[n]) is not None}
+    rows only. Recipe rows run on their own family only."""
+    sequence_rows = {n for n, m in METHODS.items() if "embeddings" not in m.needs and not m.recipe}
+    assert {n for n in sequence_rows if refusal(METHODS[n], CausalLMFamily) is None} == sequence_rows
+    refused = {n for n in sequence_rows if refusal(METHODS[n], DiffusionFamily) is not None}
     assert refused == {"rm", "tdpo", "sparsepo", "sparsepo_activation"}
+    recipes = {n for n, m in METHODS.items() if m.recipe}
+    assert {n for n in recipes if refusal(METHODS[n], CausalLMFamily) is None} == {
+        "online_dpo", "xpo", "seq_contrastive", "token_guidance"}
+    assert {n for n in recipes if refusal(METHODS[n], DiffusionFamily) is None} == {"self_npo"}
 
 
 def test_a_new_family_gets_the_refusal_for_free():
@@ -101,8 +118,8 @@ def test_loss_kwargs_checks():
     assert check_loss_kwargs(METHODS["sft"], {"token_level_mean": True}, family=CausalLMFamily) == []
 
 
-def test_positional_rows_of_the_recipes_still_build():
-    """online.py / seq_contrastive.py build rows positionally with one format string (the old TextMethod)."""
-    row = Method("seq_contrastive", "sft", True, lambda *a: None, loss_fn=METHODS["plackett_luce"].loss_fn)
+def test_positional_rows_still_build():
+    """Rows built positionally with one format string."""
+    row = Method("my_pl", "sft", True, lambda *a: None, loss_fn=METHODS["plackett_luce"].loss_fn)
     assert row.formats == ("sft",) and row.data_format == "sft" and row.needs == frozenset({"logps"})
     assert not row.value_head and not row.token_kl

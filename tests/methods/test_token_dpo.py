@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from mmalign.adapters.causal_lm import score_batch, token_kl_from_states
+from mmalign.adapters.sparse_masks import SparseMaskHeads
 from mmalign.api import build_task, load_train_config, train
 from mmalign.config import ConfigError
 from mmalign.data.batches import TextBatch
 from mmalign.data.synthetic import addition_rows, corpus, write_jsonl
+from mmalign.methods.table import METHODS
 from mmalign.methods.text import MASK_HEADS
-from mmalign.methods.text_losses import TEXT_METHODS, SparseMaskHeads
 from mmalign.models.text import apply_lora, build_tiny_causal_lm, load_causal_lm
 from mmalign.train.metrics_log import read_metrics
 from mmalign.types import Scores
@@ -160,7 +161,7 @@ def test_tdpo2_stops_the_chosen_kl_gradient_and_scales_the_rejected_one_by_alpha
     for variant in ("tdpo1", "tdpo2"):
         kl = (torch.rand(3, 2, 4, generator=torch.Generator().manual_seed(1)) * 0.5).requires_grad_(True)
         p, r = _token_scores(lr, kl, mask)
-        out = TEXT_METHODS["tdpo"].fn(p, r, None, {"beta": beta, "alpha": alpha, "variant": variant})
+        out = METHODS["tdpo"].fn(p, r, None, {"beta": beta, "alpha": alpha, "variant": variant})
         out.loss.backward()
         grads[variant] = (kl.grad.clone(), out)
     g1, out1 = grads["tdpo1"]
@@ -190,7 +191,7 @@ def test_tdpo_gradient_reaches_the_policy_through_the_kl(files, tmp_path):
     batch = _batch(task)
 
     def grads(name):
-        task.method = TEXT_METHODS[name]
+        task.method = METHODS[name]
         task.loss_kwargs = {"beta": 0.1} if name == "dpo" else {"beta": 0.1, "variant": "tdpo1"}
         task.model.zero_grad(set_to_none=True)
         policy, ref = _scores(task, ref_model, batch)
