@@ -65,8 +65,8 @@ def train(config: str | Path | Mapping | TrainConfig | None = None, overrides: S
     ``extra`` takes dotted keys with ``__`` for dots, e.g. ``train(cfg, run__max_steps=10)``.
     """
     cfg = load_train_config(config, overrides, {k.replace("__", "."): v for k, v in extra.items()})
-    if task is None:
-        task_target(cfg)  # recipe and data problems, before the output directory is written
+    if task is None:  # every config problem (recipes, data, loss names and options, family checks) before the
+        resolve(task_target(cfg)).validate(cfg)  # output directory is written or a model is built
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     dump_yaml(cfg, out / "config.yaml", header="resolved config of this run (mmalign train reads it back)")

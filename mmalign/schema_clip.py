@@ -103,7 +103,9 @@ class PriorConfig:
     caption_field: str = _h("caption column (LLaVA 'conversations' rows are read too)", "caption")
     image_root: str | None = _h("folder relative image paths start from (default: the data file's folder)", None)
     verify_images: bool = _h("open every image when the data is read (bad files become row errors)", True)
-    freeze_vision_tower: bool = _h("LLaVA: keep the vision encoder frozen (LLaVA's recipe)", True)
+    freeze_vision_tower: bool = _h("keep the image encoder frozen and out of LoRA (LLaVA's recipe; for the "
+                                   "preference losses also the PatchLVLM patch embedding, which PRIOR always trains)",
+                                   True)
     modules_to_save: list[str] = _h("LLaVA with LoRA: modules trained in full beside the adapter",
                                     factory=lambda: ["multi_modal_projector"])
 

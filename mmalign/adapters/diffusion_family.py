@@ -216,16 +216,21 @@ class DiffusionFamily(ModelFamily):
         out.metrics["rewards/accuracies_ties_half"] = ((s > 0).float() + 0.5 * (s == 0).float()).mean().detach()
 
     # -- model lifecycle ------------------------------------------------------------------------------------------
-    def save(self, model: nn.Module, path: Path, state_dict: dict | None = None, method=None) -> None:
+    def save(self, model: nn.Module, path: Path, state_dict: dict | None = None, method=None, *,
+             info: dict | None = None) -> None:
         """LoRA: ``pytorch_lora_weights.safetensors`` for ``Pipeline.load_lora_weights(path)``; full: the denoiser
         as a diffusers subfolder (``unet/`` or ``transformer/``) for ``from_pretrained(path, subfolder=...)``.
-        A tiny base is saved beside it (``base_pipeline/``) since it cannot be rebuilt from a hub id."""
+        A tiny base is saved beside it (``base_pipeline/``) since it cannot be rebuilt from a hub id. ``info``:
+        what ``mmalign_diffusion.json`` records of the method (default: its name and the preference direction;
+        recipes such as Self-NPO record their own options)."""
         from ..models.diffusion import save_denoiser_run
 
-        name = method.name if method is not None else self.cfg.loss.name
-        reversed_ = bool(method is not None and method.reverses_preferences) or self.cfg.diffusion.reverse_preferences
-        save_denoiser_run(self.components, model, path, tiny_base=self._tiny_base, state_dict=state_dict,
-                          info={"method": name, "reversed_preferences": reversed_})
+        if info is None:
+            name = method.name if method is not None else self.cfg.loss.name
+            reversed_ = bool(method is not None and method.reverses_preferences) or \
+                self.cfg.diffusion.reverse_preferences
+            info = {"method": name, "reversed_preferences": reversed_}
+        save_denoiser_run(self.components, model, path, tiny_base=self._tiny_base, state_dict=state_dict, info=info)
 
     def merge_lora(self) -> None:
         from ..models.diffusion import apply_lora

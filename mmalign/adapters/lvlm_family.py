@@ -5,14 +5,18 @@ trained with any preference loss of the METHODS table on TRL-style vision rows.
   with a BPE tokenizer trained on the run's text (``model.tokenizer`` to use another); anything else is loaded
   with :func:`~mmalign.models.lvlm.load_lvlm` (a LLaVA-hf checkpoint, a saved PatchLVLM, a LoRA adapter dir).
 - **Freezing**: ``prior.freeze_vision_tower`` (default true) freezes the image encoder: LLaVA's vision tower,
-  PatchLVLM's patch embedding; LoRA (``lora.enabled``) then leaves it out of the adapter too, and LLaVA's
-  ``prior.modules_to_save`` (the projector) train in full beside the adapter. With it false, LLaVA's unread
-  vision layers are still frozen (they get no gradient, which DDP would reject).
-- **Data**: :mod:`mmalign.data.vision_rows` (``images`` + prompt/chosen/rejected, or prompt/completion/label),
-  images relative to the data file or ``prior.image_root``; the model's own preprocessing per batch.
-- **Scores**: :func:`~mmalign.adapters.lvlm.score_candidates` (image once per example, prompt KV cache shared
-  by the candidates, a frozen encoder's output shared with the reference pass); KTO's mismatched pairs (prompt
-  i, completion i−1) ride on the same prompt cache as one extra candidate.
+  PatchLVLM's patch embedding (unless the task builds the family with ``train_patch_embed=True``: PRIOR's
+  encoder-free setting learns its only image pathway); LoRA (``lora.enabled``) then leaves it out of the adapter
+  too, and LLaVA's ``prior.modules_to_save`` (the projector) train in full beside the adapter. With it false,
+  LLaVA's unread vision layers are still frozen (they get no gradient, which DDP would reject).
+- **Data**, by the format of the stage's row: preference rows (:mod:`mmalign.data.vision_rows`: ``images`` +
+  prompt/chosen/rejected, or prompt/completion/label), or ``captions`` (:mod:`mmalign.data.captions`: image +
+  caption, LLaVA's pre-training rows; the PRIOR row), read once per list of files; images relative to the data
+  file or ``prior.image_root``; the model's own preprocessing per batch.
+- **Scores**: preference rows: :func:`~mmalign.adapters.lvlm.score_candidates` (image once per example, prompt
+  KV cache shared by the candidates, a frozen encoder's output shared with the reference pass); KTO's
+  mismatched pairs (prompt i, completion i−1) ride on the same prompt cache as one extra candidate. Captions:
+  :func:`~mmalign.adapters.lvlm.score_captions` (per-token log-probs of the caption after image and prompt).
 - **Save**: :func:`~mmalign.models.lvlm.save_lvlm` (``load_lvlm`` reads it back; LoRA over a tiny in-memory base
   is saved merged).
 """
@@ -25,13 +29,25 @@ import torch
 from torch import nn
 
 from ..data.batches import VisionTextBatch
+from ..data.captions import CaptionDataset, caption_and_prompt, read_caption_rows
 from ..data.rows import DataError
-from ..models.lvlm import PATCH_CONFIG_FILE, PatchLVLM, build_tiny_lvlm, load_lvlm, save_lvlm, unwrap_lvlm
+from ..models.lvlm import (
+    PATCH_CONFIG_FILE,
+    PatchLVLM,
+    build_tiny_lvlm,
+    extract_language_model,
+    load_lvlm,
+    save_lvlm,
+    unwrap_lvlm,
+)
 from ..types import Scores, StageData
 from .family import ModelFamily
-from .lvlm import score_candidates
+from .lvlm import score_candidates, score_captions
 
-__all__ = ["LVLMFamily", "apply_lvlm_lora", "build_lvlm_tokenizer", "freeze_image_encoder"]
+__all__ = ["CAPTIONS", "LVLMFamily", "apply_lvlm_lora", "build_lvlm_tokenizer", "freeze_image_encoder",
+           "train_sources"]
+
+CAPTIONS = "captions"  # the data format of image-caption rows (a row reads it when it is the row's first format)
 
 _TEXT_KEYS = ("prompt", "chosen", "rejected", "completion", "completions")
 
@@ -51,9 +67,18 @@ def _texts(value) -> list[str]:
     return out
 
 
-def build_lvlm_tokenizer(cfg):
-    """``model.tokenizer`` if set, else a BPE trained on the run's prompts and completions
-    (``model.tiny.vocab_size``, default 512); ``<image>`` is added either way."""
+def train_sources(cfg) -> list[str]:
+    """``data.train`` and then every stage's own training files, each once."""
+    out = list(cfg.data.train)
+    for s in cfg.stages:
+        out += [x for x in (s.train or []) if x not in out]
+    return out
+
+
+def build_lvlm_tokenizer(cfg, *, captions: bool = False):
+    """``model.tokenizer`` if set, else a BPE trained on the run's prompts and completions (``captions``: on the
+    prompts and captions of image-caption rows) (``model.tiny.vocab_size``, default 512); ``<image>`` is added
+    either way."""
     from ..data.rows import load_rows
     from ..models.lvlm import add_image_token
     from ..models.text import load_tokenizer
@@ -62,9 +87,15 @@ def build_lvlm_tokenizer(cfg):
     if cfg.model.tokenizer:
         tok = load_tokenizer(cfg.model.tokenizer)
     else:
-        sources = list(cfg.data.train) + list(cfg.data.eval) + [s for st in cfg.stages for s in (st.train or [])]
-        texts = [t for _, _, row in load_rows(sources, skip_bad_rows=True) for k in _TEXT_KEYS
-                 for t in _texts(row.get(k)) if t.strip()]
+        if captions:
+            texts = []
+            for _, _, row in load_rows(train_sources(cfg) + list(cfg.data.eval), skip_bad_rows=True):
+                caption, prompt, _ = caption_and_prompt(row, cfg.prior.caption_field, cfg.prior.prompt)
+                texts += [t for t in (prompt, caption) if isinstance(t, str) and t]
+        else:
+            sources = [*cfg.data.train, *cfg.data.eval, *(s for st in cfg.stages for s in (st.train or []))]
+            texts = [t for _, _, row in load_rows(sources, skip_bad_rows=True) for k in _TEXT_KEYS
+                     for t in _texts(row.get(k)) if t.strip()]
         tok = train_bpe_tokenizer(texts, vocab_size=int(cfg.model.tiny.get("vocab_size", 512)))
         tok.padding_side = "left"
     add_image_token(tok)
@@ -121,7 +152,8 @@ def _with_mismatched(batch: VisionTextBatch) -> VisionTextBatch:
 
 class LVLMFamily(ModelFamily):
     """Vision-language LMs (see the module docstring). Prebuilt parts: ``tokenizer=``, or ``model=`` with
-    ``inputs=`` (its :class:`~mmalign.models.lvlm.LVLMInputs`)."""
+    ``inputs=`` (its :class:`~mmalign.models.lvlm.LVLMInputs`). ``train_patch_embed``: a PatchLVLM's patch
+    embedding trains even under ``prior.freeze_vision_tower`` (which then freezes LLaVA's vision tower only)."""
 
     name = "lvlm"
     modality = "prior"
@@ -130,9 +162,12 @@ class LVLMFamily(ModelFamily):
               "values": "LVLMs carry no value head (reward models train on the causal-LM family)",
               "embeddings": "an LVLM gives no paired embeddings"}
 
-    def __init__(self, cfg, methods, *, tokenizer=None, model: nn.Module | None = None, inputs=None):
+    def __init__(self, cfg, methods, *, tokenizer=None, model: nn.Module | None = None, inputs=None,
+                 train_patch_embed: bool = False):
         self.cfg, self.pc = cfg, cfg.prior
-        self.merged = False
+        self.merged, self.train_patch_embed = False, train_patch_embed
+        self.captions = any(m.data_format == CAPTIONS for m in methods)  # the tiny tokenizer learns caption text
+        self._caption_rows: dict[tuple, tuple] = {}
         if model is None:
             model, inputs = self._build(tokenizer)
         elif inputs is None:
@@ -163,23 +198,35 @@ class LVLMFamily(ModelFamily):
         if mc.name_or_path != "tiny":
             return load_lvlm(mc.name_or_path, dtype=mc.dtype, attn_implementation=mc.attn_implementation,
                              gradient_checkpointing=mc.gradient_checkpointing, trust_remote_code=mc.trust_remote_code)
-        model, inputs = build_tiny_lvlm(self.pc.lvlm, tokenizer or build_lvlm_tokenizer(self.cfg),
-                                        seed=self.cfg.run.seed, **mc.tiny)
+        tokenizer = tokenizer or build_lvlm_tokenizer(self.cfg, captions=self.captions)
+        model, inputs = build_tiny_lvlm(self.pc.lvlm, tokenizer, seed=self.cfg.run.seed, **mc.tiny)
         if mc.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model, inputs
 
     def _prepare(self, model: nn.Module) -> nn.Module:
-        if isinstance(unwrap_lvlm(model), PatchLVLM) and hasattr(unwrap_lvlm(model).lm, "peft_config"):
-            unwrap_lvlm(model).patch_embed.requires_grad_(not self.pc.freeze_vision_tower)
+        patch = isinstance(unwrap_lvlm(model), PatchLVLM)
+        freeze = self.pc.freeze_vision_tower and not (patch and self.train_patch_embed)
+        if patch and hasattr(unwrap_lvlm(model).lm, "peft_config"):
+            unwrap_lvlm(model).patch_embed.requires_grad_(not freeze)
             return model  # a loaded adapter: already trainable
         if hasattr(model, "peft_config"):
             return model
-        freeze_image_encoder(model, self.pc.freeze_vision_tower)
+        freeze_image_encoder(model, freeze)
         if not self.cfg.lora.enabled:
             return model
-        return apply_lvlm_lora(model, self.cfg.lora, freeze_encoder=self.pc.freeze_vision_tower,
+        return apply_lvlm_lora(model, self.cfg.lora, freeze_encoder=freeze,
                                modules_to_save=list(self.pc.modules_to_save))
+
+    def save_language_model(self, path: Path) -> None:
+        """The LVLM's language model as a text-only causal-LM checkpoint with the tokenizer (PRIOR's reference
+        starts from it). LoRA layers are left out: the base weights, which a fresh adapter (B = 0) does not
+        change."""
+        lm = extract_language_model(self.model)
+        state = {k.replace(".base_layer.", ".").replace(".original_module.", "."): v
+                 for k, v in lm.state_dict().items() if ".lora_" not in k and ".modules_to_save." not in k}
+        lm.save_pretrained(str(path), state_dict=state)
+        self.tokenizer.save_pretrained(str(path))
 
     # -- data ---------------------------------------------------------------------------------------------------
     def dataset(self, sources, dc, fmt: str):
@@ -198,10 +245,34 @@ class LVLMFamily(ModelFamily):
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         return VisionPreferenceDataset(examples, pad_token_id=pad, pixel_values=io.pixel_values, format=fmt), stats
 
+    def caption_dataset(self, sources) -> tuple[CaptionDataset, dict]:
+        """A :class:`~mmalign.data.captions.CaptionDataset` of image-caption ``sources`` and its stats; the rows
+        of one list of files are read (and their images verified) once."""
+        key = tuple(sources)
+        if key not in self._caption_rows:
+            dc, pc = self.cfg.data, self.pc
+            self._caption_rows[key] = read_caption_rows(
+                list(sources), self.tokenizer, image_field=pc.image_field, caption_field=pc.caption_field,
+                default_prompt=pc.prompt, image_root=pc.image_root, max_length=dc.max_length, limit=dc.limit,
+                skip_bad_rows=dc.skip_bad_rows, verify_images=pc.verify_images)
+        examples, stats = self._caption_rows[key]
+        tok, io = self.tokenizer, self.inputs
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return CaptionDataset(examples, pad_token_id=pad, image_token_id=io.image_token_id,
+                              num_image_tokens=io.num_image_tokens, bos_token_id=tok.bos_token_id,
+                              pixel_values=io.pixel_values), dict(stats)
+
     def stage_data(self, stage, method) -> StageData:
-        """Train (and eval, retain) data of ``stage``; ``data.format: auto`` detects the rows' format, which must
-        be one the loss reads (``method.formats``: SFT also takes pairs and trains on the chosen side)."""
+        """Train (and eval, retain) data of ``stage``. Rows of the ``captions`` format: image-caption rows
+        (``data.format`` does not apply; stats: the training files'). Otherwise ``data.format: auto`` detects
+        the rows' format, which must be one the loss reads (``method.formats``: SFT also takes pairs and trains
+        on the chosen side)."""
         dc = self.cfg.data
+        if method.data_format == CAPTIONS:
+            train, stats = self.caption_dataset(stage.train or dc.train)
+            eval_ds = self.caption_dataset(dc.eval)[0] if dc.eval else None
+            return StageData(train=train, collate=train.collate, eval=eval_ds, stats=stats, key=train.content_key(),
+                             eval_key=eval_ds.content_key() if eval_ds is not None else "")
         sources = stage.train or dc.train
         train, stats = self.dataset(sources, dc, dc.format)
         if train.format not in method.formats:
@@ -221,6 +292,8 @@ class LVLMFamily(ModelFamily):
 
     # -- scores -------------------------------------------------------------------------------------------------
     def score(self, model: nn.Module, batch: VisionTextBatch, method) -> Scores:
+        if method.data_format == CAPTIONS:
+            return score_captions(model, batch)
         if getattr(method, "winners_only", False) and batch.num_candidates > 1:
             batch = VisionTextBatch(batch.prompt_ids, batch.prompt_mask, batch.completion_ids[:, :1],
                                     batch.completion_mask[:, :1], batch.pixel_values, None,

@@ -3,10 +3,12 @@
 row of :data:`~mmalign.methods.table.METHODS` the family can feed (DPO and its loss types, KTO, BCO, SimPO, ORPO,
 CPO, SLiC, Plackett–Luce, NPO, SFT, ...) on TRL-style vision preference rows (:mod:`mmalign.data.vision_rows`).
 
-PRIOR's token-weighted caption training is its own recipe (:class:`mmalign.methods.prior.PriorTask`).
+PRIOR's token-weighted caption training is a recipe on this task (:class:`mmalign.methods.prior.PriorTask`).
 """
 
 from __future__ import annotations
+
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -22,11 +24,12 @@ class LVLMTask(PreferenceTask):
     config). ``train_fn`` is accepted and unused (the PRIOR recipe of the same modality trains a reference run)."""
 
     family_cls = LVLMFamily
+    _family_options: ClassVar[dict[str, Any]] = {}  # LVLMFamily build options of a recipe (PRIOR's)
 
     def __init__(self, cfg: TrainConfig, *, train_fn=None, tokenizer=None, model: nn.Module | None = None,
                  inputs=None):
         prebuilt = {"tokenizer": tokenizer} if model is None else {"model": model, "inputs": inputs}
-        super().__init__(cfg, **prebuilt)
+        super().__init__(cfg, **prebuilt, **self._family_options)
 
     @property
     def tokenizer(self):

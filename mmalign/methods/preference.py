@@ -120,14 +120,22 @@ class PreferenceTask(Task):
     def __init__(self, cfg: TrainConfig, *, family: type[ModelFamily] | None = None, **prebuilt: Any):
         self.cfg = cfg
         family = family or self.family_cls
-        if family is None:
-            raise TypeError(f"{type(self).__name__}: pass family= (a ModelFamily class)")
-        uses = resolve_stage_losses(cfg, family, type(self))  # every stage's loss, before anything is built
+        uses = self.validate(cfg, family)  # every stage's loss, before anything is built
         self.family = family(cfg, [u.method for u in uses], **prebuilt)
         self._apply(uses[0])
         # The loop builds the reference once, before the first stage: a run whose later stage needs one (SFT then
         # DPO) must have it; configure_stage then says per stage whether to run its forward.
         self.needs_reference = any(u.method.needs_reference for u in uses)
+
+    @classmethod
+    def validate(cls, cfg: TrainConfig, family: type[ModelFamily] | None = None) -> list[StageLoss]:
+        """Every check ``__init__`` makes before building (loss names, what the family can feed, loss options,
+        the family's and the recipe's own checks), without building anything: ``mmalign.api.train`` calls it
+        before it writes the output directory. Raises one ConfigError listing every problem."""
+        family = family or cls.family_cls
+        if family is None:
+            raise TypeError(f"{cls.__name__}: pass family= (a ModelFamily class)")
+        return resolve_stage_losses(cfg, family, cls)
 
     @classmethod
     def check(cls, cfg: TrainConfig, uses: list[StageLoss]) -> list[str]:

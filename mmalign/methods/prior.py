@@ -1,6 +1,10 @@
 """PRIOR (Chen, Peng, Zhang, Ji 2025, arXiv 2505.08971): prioritise image-related caption tokens in LVLM training.
 
-The recipe, all under the one loop (``modality: prior``):
+The generic task over the LVLM family (:class:`PriorTask` is an :class:`~mmalign.methods.lvlm.LVLMTask`): the
+family builds the model (tiny or loaded, freezing, LoRA), reads the ``captions`` rows of the ``prior`` row of
+METHODS and scores them; this recipe adds a text-only reference run (:meth:`PriorTask.run_prerequisites`) and
+the per-token weights it gives (attached to the data in :meth:`PriorTask.stage_data`). All under the one loop
+(``modality: prior``):
 
 1. **Reference.** A text-only LM with the LVLM's tokenizer, SFT-trained on the caption text alone (no image),
    by ``mmalign.train(modality=text, loss.name=sft)`` into ``<output_dir>/prior_reference`` (reused when its
@@ -9,8 +13,9 @@ The recipe, all under the one loop (``modality: prior``):
    :func:`mmalign.losses.prior_token_weights`; they are computed once and cached on disk per caption (key:
    prompt + caption text + token ids), in a file named by the reference-model hash and the weight settings, so
    a changed reference or setting recomputes and anything unchanged is reused.
-3. **Weighted NTP.** The LVLM's loss is :func:`mmalign.losses.token_weighted_nll` (``per_token``: mean over
-   the micro-batch's caption tokens, as HF's loss) with those weights; weights are data, no gradient flows.
+3. **Weighted NTP.** The LVLM's loss is the ``prior`` row's :func:`~mmalign.methods.table.prior_nll`:
+   :func:`mmalign.losses.token_weighted_nll` (``per_token``: mean over the micro-batch's caption tokens, as HF's
+   loss) with those weights, rescaled per ``prior.normalize``; weights are data, no gradient flows.
 
 Formula choices, all UNVERIFIED (the paper's code is unreleased and its method section was not read;
 research/video_audio_clip_prior.md §3.2): default w = (1 − p̂)^α with α = 1, rescaled to mean 1 over the valid
@@ -26,6 +31,8 @@ Other choices the paper does not pin down (as far as could be read), stated so t
   DDP, the mean-1 constraint holds per micro-batch, not per optimizer step);
 - sequence layout: the LVLM reads ``[BOS] <image>×N prompt caption EOS`` (LLaVA's "plain" pre-training
   template), the reference ``[BOS] prompt caption EOS``; both score the same caption tokens (+ EOS);
+- the encoder-free LVLM's patch embedding trains even under ``prior.freeze_vision_tower`` (which freezes
+  LLaVA's vision tower): it is that model's only image pathway;
 - the reference: an SFT run on the same captions, started from the LVLM's own language model
   (``reference_init: lvlm``; a tiny LVLM gets a fresh tiny LM of its size) for ``reference_steps`` steps; the
   paper's reference size and training budget are unknown;
@@ -41,28 +48,24 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from .. import losses as L
 from ..adapters.causal_lm import score_batch
+from ..adapters.lvlm_family import train_sources
 from ..config import ConfigError
 from ..data.batches import TextBatch
-from ..data.captions import CaptionDataset, caption_and_prompt, read_caption_rows
+from ..data.captions import CaptionDataset
 from ..hashing import model_hash
-from ..models.lvlm import (
-    PatchLVLM,
-    build_tiny_lvlm,
-    extract_language_model,
-    load_lvlm,
-    save_lvlm,
-    tiny_text_settings,
-    unwrap_lvlm,
-)
+from ..models.lvlm import tiny_text_settings
 from ..schema import PriorConfig, StageConfig, TrainConfig
-from ..types import Scores
-from .task import StageData, Task
+from .lvlm import LVLMTask
+from .task import StageData
+
+__all__ = ["PriorTask", "PriorWeightCache", "compute_weights", "reference_token_logps", "weight_settings"]
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -141,32 +144,6 @@ def compute_weights(dataset: CaptionDataset, reference: nn.Module, pc: PriorConf
     return weights, {"prior/cache_hits": len(dataset) - len(todo), "prior/cache_computed": len(todo)}
 
 
-def prior_loss(policy: Scores, batch: TextBatch, normalize: str = "batch") -> L.LossOutput:
-    """Weighted next-token loss over caption tokens; ``extras["prior_weights"]`` absent → plain NTP."""
-    logps, mask = policy.token_logps[:, 0], policy.token_mask[:, 0]
-    w = batch.extras.get("prior_weights")
-    extra = {}
-    if w is not None:
-        w = w[:, 0].to(logps.device, torch.float32).detach()
-        valid = mask.bool()
-        raw = w[valid]
-        if normalize == "batch" and raw.numel():
-            mean = raw.mean()
-            w = w / mean if mean > 0 else torch.zeros_like(w)
-        extra = {"prior/raw_weight_mean": raw.mean() if raw.numel() else w.new_zeros(()),
-                 "prior/weight_max": w[valid].max() if raw.numel() else w.new_zeros(())}
-    out = L.token_weighted_nll(logps, mask, weights=w, normalize="per_token")
-    out.metrics.update({k: v.detach() for k, v in extra.items()})
-    return out
-
-
-def _all_train_sources(cfg: TrainConfig) -> list[str]:
-    out = list(cfg.data.train)
-    for s in cfg.stages:
-        out += [x for x in (s.train or []) if x not in out]
-    return out
-
-
 def process_state():
     """accelerate's process state, set up as the loop sets it up: a launcher's CPU-only processes need
     ``cpu=True`` for gloo, and the first call fixes the shared state for the whole run."""
@@ -177,106 +154,42 @@ def process_state():
     return PartialState(cpu=True) if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_device else PartialState()
 
 
-def _freeze_unread_vision_layers(llava: nn.Module) -> None:
-    """Freeze the vision layers LLaVA never reads (after ``vision_feature_layer``, and ``post_layernorm``):
-    they get no gradient, which DDP without ``find_unused_parameters`` would reject."""
-    layer = llava.config.vision_feature_layer
-    tower = llava.model.vision_tower
-    for name, module in tower.named_modules():
-        if name.endswith("post_layernorm") or name.endswith(".head"):
-            module.requires_grad_(False)
-        if name.endswith("encoder.layers") and isinstance(module, nn.ModuleList):
-            n = len(module)
-            read = max(layer) if isinstance(layer, list) else layer
-            first_unread = read if read >= 0 else n + 1 + read  # hidden_states[k] is the output of layer k-1
-            for m in list(module)[first_unread:]:
-                m.requires_grad_(False)
+class PriorTask(LVLMTask):
+    """LVLM training with PRIOR token weights (see the module docstring): the LVLM task on the ``prior`` row, with
+    the reference run as a prerequisite and the weights attached to each stage's data."""
 
-
-def build_caption_tokenizer(cfg: TrainConfig):
-    """Tokenizer of a tiny LVLM: ``model.tokenizer`` if set, else a BPE trained on the run's prompts and captions
-    (``model.tiny.vocab_size``, default 512), with ``<image>`` added."""
-    from ..data.rows import load_rows
-    from ..models.lvlm import add_image_token
-    from ..models.text import load_tokenizer
-    from ..models.tokenizer import train_bpe_tokenizer
-
-    if cfg.model.tokenizer:
-        tok = load_tokenizer(cfg.model.tokenizer)
-    else:
-        texts = []
-        for _, _, row in load_rows(_all_train_sources(cfg) + list(cfg.data.eval), skip_bad_rows=True):
-            caption, prompt, _ = caption_and_prompt(row, cfg.prior.caption_field, cfg.prior.prompt)
-            texts += [t for t in (prompt, caption) if isinstance(t, str) and t]
-        tok = train_bpe_tokenizer(texts, vocab_size=int(cfg.model.tiny.get("vocab_size", 512)))
-        tok.padding_side = "left"
-    add_image_token(tok)
-    return tok
-
-
-class PriorTask(Task):
-    """Method recipe for LVLM training with PRIOR token weights (see the module docstring)."""
+    _family_options: ClassVar[dict[str, Any]] = {"train_patch_embed": True}  # its only image pathway learns
 
     def __init__(self, cfg: TrainConfig, *, tokenizer=None, model: nn.Module | None = None, inputs=None,
                  reference: nn.Module | None = None, train_fn=None):
         """``train_fn(config, overrides) -> summary`` trains PRIOR's text-only reference when it is not cached
         (:func:`mmalign.api.build_task` passes :func:`mmalign.api.train`; methods do not import the API). Without
         it, the reference is trained by :meth:`run_prerequisites`, which ``mmalign.api.train(cfg, task=task)``
-        calls before the loop."""
+        calls before the loop. ``reference``: a text-only LM to weight with (nothing is trained)."""
+        super().__init__(cfg, tokenizer=tokenizer, model=model, inputs=inputs)
+        self.pc, self.reference = cfg.prior, reference
+        self.loss_kwargs = {"normalize": self.pc.normalize}
+        self._reference_dir: Path | None = None
+        self._train_fn, self._pending_reference = train_fn, None
+        if self.pc.enabled and reference is None:
+            self._reference_dir = self._prepare_reference()
+
+    @classmethod
+    def check(cls, cfg: TrainConfig, uses) -> list[str]:
         errs = []
-        if cfg.loss.name != "prior":
-            errs.append(f"loss.name={cfg.loss.name!r}: modality=prior trains with loss.name=prior (plain next-token "
-                        "prediction: prior.enabled=false)")
         if cfg.loss.kwargs:
             errs.append(f"loss.kwargs={cfg.loss.kwargs}: PRIOR's weight settings live under prior.* (alpha, form, "
                         "normalize, clip, floor)")
-        if errs:
-            raise ConfigError(errs)
-        self.cfg, self.pc = cfg, cfg.prior
-        self.needs_reference = False  # PRIOR's reference is text-only; its weights arrive with the data
-        self._examples: dict[tuple, tuple] = {}
-        if model is None:
-            model, inputs = self._build_model(tokenizer)
-        elif inputs is None:
-            raise ValueError("PriorTask(model=...) needs inputs= (the LVLMInputs of that model)")
-        self.inputs, self.tokenizer = inputs, inputs.tokenizer
-        self._reference_dir: Path | None = None
-        self._train_fn, self._pending_reference = train_fn, None
-        self.reference = reference
-        if self.pc.enabled and reference is None:
-            self._reference_dir = self._prepare_reference(model)
-        self.model = self._prepare_training(model)
+        errs += [f"stages.{i}.loss={s.loss}: PRIOR stages take no loss overrides; weight settings are the prior.* "
+                 "keys" for i, s in enumerate(cfg.stages) if s.loss]
+        return errs
 
-    # -- model ----------------------------------------------------------------------------------------------
-    def _build_model(self, tokenizer):
-        mc = self.cfg.model
-        if mc.name_or_path != "tiny":
-            return load_lvlm(mc.name_or_path, dtype=mc.dtype, attn_implementation=mc.attn_implementation,
-                             gradient_checkpointing=mc.gradient_checkpointing, trust_remote_code=mc.trust_remote_code)
-        return build_tiny_lvlm(self.pc.lvlm, tokenizer or build_caption_tokenizer(self.cfg), seed=self.cfg.run.seed,
-                               **mc.tiny)
-
-    def _prepare_training(self, model: nn.Module) -> nn.Module:
-        base = unwrap_lvlm(model)
-        if not isinstance(base, PatchLVLM):
-            if self.pc.freeze_vision_tower:
-                base.model.vision_tower.requires_grad_(False)
-            else:
-                _freeze_unread_vision_layers(base)
-        lc = self.cfg.lora
-        if not lc.enabled:
-            return model
-        from ..models.text import apply_lora
-
-        if isinstance(model, PatchLVLM):  # LoRA on the LM; the patch embedding trains in full
-            model.lm = apply_lora(model.lm, r=lc.r, alpha=lc.alpha, dropout=lc.dropout,
-                                  target_modules=lc.target_modules)
-            return model
-        return apply_lora(model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_modules,
-                          modules_to_save=list(self.pc.modules_to_save) or None)
+    def configure_stage(self, stage: StageConfig) -> None:
+        super().configure_stage(stage)  # the prior row again (stage overrides are refused at config load)
+        self.loss_kwargs = {"normalize": self.pc.normalize}
 
     # -- reference (step 1) ---------------------------------------------------------------------------------
-    def _prepare_reference(self, model: nn.Module) -> Path:
+    def _prepare_reference(self) -> Path:
         if self.pc.reference_path:
             path = Path(self.pc.reference_path).expanduser()
             if not path.is_dir():
@@ -285,7 +198,7 @@ class PriorTask(Task):
             return path
         state = process_state()
         ref_dir = Path(self.cfg.run.output_dir) / "prior_reference"
-        examples = self._read(_all_train_sources(self.cfg))[0]
+        examples = self.family.caption_dataset(train_sources(self.cfg))[0].examples
         corpus = [{"prompt": ex.prompt, "completion": ex.caption} for ex in examples]
         mc, pc = self.cfg.model, self.pc
         run = {"modality": "text", "loss": {"name": "sft"}, "reference": {"strategy": "none"},
@@ -312,8 +225,7 @@ class PriorTask(Task):
             (ref_dir / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in corpus))
             self.tokenizer.save_pretrained(str(ref_dir / "tokenizer"))
             if run["model"]["name_or_path"] == str(ref_dir / "init"):
-                extract_language_model(model).save_pretrained(str(ref_dir / "init"))
-                self.tokenizer.save_pretrained(str(ref_dir / "init"))
+                self.family.save_language_model(ref_dir / "init")
         state.wait_for_everyone()
         self._pending_reference = (run, marker, key, len(corpus), ref_dir)
         if self._train_fn is not None:
@@ -333,7 +245,7 @@ class PriorTask(Task):
             marker.write_text(json.dumps({"key": key}))
         self._pending_reference = None
 
-    def _load_reference(self) -> nn.Module:
+    def _load_reference(self, datasets: list[CaptionDataset]) -> nn.Module:
         from ..models.text import load_causal_lm, load_tokenizer
 
         if self.reference is not None:
@@ -345,42 +257,14 @@ class PriorTask(Task):
         path = self._reference_dir
         ref = load_causal_lm(path, dtype=self.cfg.model.dtype)
         if any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-            self._check_tokenizer(load_tokenizer(path), path)
+            _check_tokenizer(load_tokenizer(path), path, [e for ds in datasets for e in ds.examples][:32])
         return ref
 
-    def _check_tokenizer(self, ref_tok, path: Path) -> None:
-        """PRIOR's weights only line up if the reference tokenises captions exactly as the LVLM does (§3.3)."""
-        for ex in [e for exs, _ in self._examples.values() for e in exs][:32]:
-            ids = list(ref_tok(ex.caption, add_special_tokens=False)["input_ids"])
-            n = min(len(ids), len(ex.completion_ids))  # the LVLM's copy may be truncated to data.max_length
-            if ids[:n] != ex.completion_ids[:n]:
-                raise ConfigError(f"PRIOR reference {str(path)!r}: its tokenizer splits the caption "
-                                  f"{ex.caption[:60]!r} into {ids[:12]}..., the LVLM's into "
-                                  f"{ex.completion_ids[:12]}...; the reference must use the LVLM's tokenizer")
-
-    # -- data -----------------------------------------------------------------------------------------------
-    def _read(self, sources: list[str]):
-        key = tuple(sources)
-        if key not in self._examples:
-            dc, pc = self.cfg.data, self.pc
-            self._examples[key] = read_caption_rows(
-                sources, self.tokenizer, image_field=pc.image_field, caption_field=pc.caption_field,
-                default_prompt=pc.prompt, image_root=pc.image_root, max_length=dc.max_length, limit=dc.limit,
-                skip_bad_rows=dc.skip_bad_rows, verify_images=pc.verify_images)
-        return self._examples[key]
-
-    def dataset(self, sources: list[str]) -> tuple[CaptionDataset, dict]:
-        examples, stats = self._read(list(sources))
-        tok, io = self.tokenizer, self.inputs
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        return CaptionDataset(examples, pad_token_id=pad, image_token_id=io.image_token_id,
-                              num_image_tokens=io.num_image_tokens, bos_token_id=tok.bos_token_id,
-                              pixel_values=io.pixel_values), dict(stats)
-
+    # -- weights (step 2) -----------------------------------------------------------------------------------
     def attach_weights(self, datasets: list[CaptionDataset]) -> dict:
         """Compute (or read from the cache) PRIOR weights for ``datasets`` and attach them."""
         state = process_state()
-        ref = self._load_reference()
+        ref = self._load_reference(datasets)
         cache_dir = self.pc.cache_dir or Path(self.cfg.run.output_dir) / "prior_cache"
         stats: dict = {}
         with state.main_process_first():  # the main process fills the cache, the others then read it
@@ -398,38 +282,20 @@ class PriorTask(Task):
         return stats
 
     def stage_data(self, stage: StageConfig) -> StageData:
-        dc = self.cfg.data
-        train, stats = self.dataset(list(stage.train or dc.train))
-        eval_ds = self.dataset(list(dc.eval))[0] if dc.eval else None
+        """The family's caption data, with PRIOR weights attached to the train and eval sets."""
+        data = super().stage_data(stage)
         if self.pc.enabled:
-            stats.update({k: v for k, v in self.attach_weights([d for d in (train, eval_ds) if d]).items()
-                          if not isinstance(v, str)})
-        return StageData(train=train, collate=train.collate, eval=eval_ds, stats=stats, key=train.content_key())
+            weighted = self.attach_weights([d for d in (data.train, data.eval) if d is not None])
+            data.stats.update({k: v for k, v in weighted.items() if not isinstance(v, str)})
+        return data
 
-    def configure_stage(self, stage: StageConfig) -> None:
-        if stage.loss:
-            raise ConfigError(f"stage {stage.name!r}: PRIOR stages take no loss overrides (got {stage.loss}); "
-                              "weight settings are the prior.* keys")
 
-    # -- scores and loss ------------------------------------------------------------------------------------
-    def score(self, model: nn.Module, batch: TextBatch) -> Scores:
-        from ..adapters.lvlm import score_captions
-
-        return score_captions(model, batch)
-
-    def loss(self, policy: Scores, reference: Scores | None, batch: TextBatch, aux: Scores | None = None):
-        return prior_loss(policy, batch, self.pc.normalize)
-
-    # -- model lifecycle ------------------------------------------------------------------------------------
-    def save_pretrained(self, model: nn.Module, path: Path, state_dict: dict | None = None) -> None:
-        save_lvlm(model, self.inputs, path, state_dict=state_dict)
-
-    def merge_lora(self) -> None:
-        lc = self.cfg.lora
-        if not lc.enabled:
-            raise ValueError("stage.merge_lora needs lora.enabled=true")
-        if isinstance(self.model, PatchLVLM):
-            self.model.lm = self.model.lm.merge_and_unload()
-        else:
-            self.model = self.model.merge_and_unload()
-        self.model = self._prepare_training(self.model)
+def _check_tokenizer(ref_tok, path: Path, examples) -> None:
+    """PRIOR's weights only line up if the reference tokenises captions exactly as the LVLM does (§3.3)."""
+    for ex in examples:
+        ids = list(ref_tok(ex.caption, add_special_tokens=False)["input_ids"])
+        n = min(len(ids), len(ex.completion_ids))  # the LVLM's copy may be truncated to data.max_length
+        if ids[:n] != ex.completion_ids[:n]:
+            raise ConfigError(f"PRIOR reference {str(path)!r}: its tokenizer splits the caption "
+                              f"{ex.caption[:60]!r} into {ids[:12]}..., the LVLM's into "
+                              f"{ex.completion_ids[:12]}...; the reference must use the LVLM's tokenizer")

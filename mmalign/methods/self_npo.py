@@ -384,12 +384,10 @@ class SelfNPOTask(PreferenceTask):
 
     # -- model lifecycle --------------------------------------------------------------------------------------------
     def save_pretrained(self, model: nn.Module, path, state_dict: dict | None = None) -> None:
-        """The layout of every diffusion run (:func:`mmalign.models.diffusion.save_denoiser_run`), so the sampler
-        and :mod:`mmalign.models.npo_weights` read Self-NPO results like any other."""
-        from ..models.diffusion import save_denoiser_run
-
-        save_denoiser_run(self.components, model, path, tiny_base=self.family._tiny_base, state_dict=state_dict,
-                          info={"method": "self_npo", "self_npo": dict(vars(self.opts))})
+        """The family's layout (that of every diffusion run), so the sampler and :mod:`mmalign.models.npo_weights`
+        read Self-NPO results like any other; ``mmalign_diffusion.json`` records Self-NPO's options."""
+        self.family.save(model, path, state_dict=state_dict,
+                         info={"method": "self_npo", "self_npo": dict(vars(self.opts))})
 
     def merge_lora(self) -> None:
         raise NotImplementedError("stage.merge_lora is not supported by self_npo (use one stage)")

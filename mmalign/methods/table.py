@@ -49,7 +49,7 @@ from ..types import Scores
 from . import clip_losses as CL
 
 __all__ = ["ALIASES", "METHODS", "Method", "check_loss_kwargs", "find_method", "get_method", "loss_options",
-           "ranking_order", "refusal", "sft_loss", "valid_names"]
+           "prior_nll", "ranking_order", "refusal", "sft_loss", "valid_names"]
 
 
 @dataclass(frozen=True)
@@ -253,6 +253,25 @@ def _sft(p: Scores, r, batch, kw: dict) -> LossOutput:
     return sft_loss(p, **kw)
 
 
+def prior_nll(p: Scores, r, batch, kw: dict) -> LossOutput:
+    """PRIOR's weighted next-token loss over the caption (candidate 0): the batch's per-token weights
+    ``extras["prior_weights"]`` (data: no gradient; absent → plain NTP) rescaled to mean 1 over the micro-batch's
+    valid tokens when ``kw["normalize"]`` (``prior.normalize``, set by the PRIOR task) is ``"batch"``."""
+    logps, mask = p.token_logps[:, 0], p.token_mask[:, 0]
+    w, extra = batch.extras.get("prior_weights"), {}
+    if w is not None:
+        w, valid = w[:, 0].to(logps.device, torch.float32).detach(), mask.bool()
+        raw = w[valid]
+        if kw.get("normalize", "batch") == "batch" and raw.numel():
+            mean = raw.mean()
+            w = w / mean if mean > 0 else torch.zeros_like(w)
+        extra = {"prior/raw_weight_mean": raw.mean() if raw.numel() else w.new_zeros(()),
+                 "prior/weight_max": w[valid].max() if raw.numel() else w.new_zeros(())}
+    out = L.token_weighted_nll(logps, mask, weights=w, normalize="per_token")
+    out.metrics.update({k: v.detach() for k, v in extra.items()})
+    return out
+
+
 _SEQ = frozenset({"logps", "lengths"})
 _TOKEN = frozenset({"token_logps", "token_kl"})
 _PAIRS_OR_SFT = ("sft", "pairs")
@@ -299,7 +318,7 @@ METHODS: dict[str, Method] = {
         Method("self_npo", "sft", False, None, {"logps"}, None, "Self-NPO, arXiv 2505.11777",
                why="loss.kwargs are Self-NPO's options (SelfNPOOptions, checked by the task)",
                recipe="mmalign.methods.self_npo:SelfNPOTask", family="diffusion", data_free=True),
-        Method("prior", "sft", False, None, {"token_logps"}, None, "PRIOR, arXiv 2505.08971",
+        Method("prior", "captions", False, prior_nll, {"token_logps"}, None, "PRIOR, arXiv 2505.08971",
                why="prior.* (PriorConfig); loss.kwargs must be empty", recipe="mmalign.methods.prior:PriorTask",
                family="lvlm"),
         # Contrastive rows (dual-encoder family): image–caption pairs, in-batch negatives; options = defaults.

@@ -13,7 +13,7 @@ from mmalign.adapters.family import NEEDS, ModelFamily
 from mmalign.config import ConfigError
 from mmalign.methods.table import ALIASES, METHODS, Method, check_loss_kwargs, get_method, refusal, valid_names
 
-FORMATS = {"pairs", "unpaired", "ranked", "sft", "prompts"}
+FORMATS = {"pairs", "unpaired", "ranked", "sft", "prompts", "captions"}
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -123,3 +123,20 @@ def test_positional_rows_still_build():
     row = Method("my_pl", "sft", True, lambda *a: None, loss_fn=METHODS["plackett_luce"].loss_fn)
     assert row.formats == ("sft",) and row.data_format == "sft" and row.needs == frozenset({"logps"})
     assert not row.value_head and not row.token_kl
+
+
+@pytest.mark.parametrize("config,overrides,match", [
+    ("configs/text/tiny_dpo.yaml", ["loss.kwargs.betta=0.1"], "loss.kwargs.betta: not an option of loss 'dpo'"),
+    ("configs/diffusion/tiny_dpo.yaml", ["loss.name=tdpo"], "cannot run on the diffusion family"),
+    ("configs/clip/tiny_clip_refine.yaml", ["loss.name=dpo"], "cannot run on the dual_encoder family"),
+    ("configs/prior/tiny_lvlm_dpo.yaml", ["loss.name=sparsepo"], "cannot run on the lvlm family"),
+])
+def test_train_refuses_before_writing_or_building(tmp_path, config, overrides, match):
+    """mmalign.api.train reports loss problems at config load: no output directory, no model built."""
+    from mmalign.api import train
+    from mmalign.config import ConfigError
+
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=match):
+        train(config, [*overrides, f"run.output_dir={out}"])
+    assert not out.exists()

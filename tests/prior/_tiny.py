@@ -34,6 +34,13 @@ def config(tmp: Path, data: Path, *overrides: str, lvlm: str = "llava"):
         list(overrides))
 
 
+def caption_tokenizer(cfg):
+    """The tokenizer a tiny PRIOR run trains on its captions (the LVLM family's, for ``captions`` rows)."""
+    from mmalign.adapters.lvlm_family import build_lvlm_tokenizer
+
+    return build_lvlm_tokenizer(cfg, captions=True)
+
+
 def hf_loss(model, batch):
     """The model's own forward with labels: HF's mean cross-entropy over the caption tokens of ``batch``."""
     import torch

@@ -37,16 +37,17 @@ def test_config_loads_validates_and_documents_its_launch(path):
 
 
 def test_real_config_lora_regex_targets_only_the_language_model():
-    from mmalign.methods.prior import build_caption_tokenizer
+    from mmalign.adapters.lvlm_family import apply_lvlm_lora
     from mmalign.models.lvlm import build_tiny_lvlm
-    from mmalign.models.text import apply_lora
+
+    from ._tiny import caption_tokenizer
 
     real = load_train_config(REPO / "configs" / "prior" / "llava15_7b_lora_prior.yaml")
     tiny = load_train_config(REPO / "configs" / "prior" / "tiny_prior_llava.yaml",
                              [f"data.train=[{REPO / 'assets/prior/captions.jsonl'}]", "data.eval=[]"])
-    model, _ = build_tiny_lvlm("llava", build_caption_tokenizer(tiny), **tiny.model.tiny)
-    peft = apply_lora(model, r=4, alpha=8, target_modules=real.lora.target_modules,
-                      modules_to_save=list(real.prior.modules_to_save))
+    model, _ = build_tiny_lvlm("llava", caption_tokenizer(tiny), **tiny.model.tiny)
+    peft = apply_lvlm_lora(model, real.lora, freeze_encoder=real.prior.freeze_vision_tower,
+                           modules_to_save=list(real.prior.modules_to_save))
     lora = {n.rsplit(".lora_A", 1)[0] for n, _ in peft.named_parameters() if ".lora_A" in n}
     assert len(lora) == 7 * tiny.model.tiny["num_layers"]
     assert all("language_model" in n and "vision" not in n for n in lora)
@@ -94,13 +95,12 @@ def test_synthetic_images_and_image_token_flags():
 
 def test_demo_evaluation_on_a_saved_tiny_model(tmp_path):
     from mmalign.demos.prior import evaluate
-    from mmalign.methods.prior import build_caption_tokenizer
     from mmalign.models.lvlm import build_tiny_lvlm, save_lvlm
 
-    from ._tiny import TINY, config, write_rows
+    from ._tiny import TINY, caption_tokenizer, config, write_rows
 
     data = write_rows(tmp_path, n=5)
-    model, inputs = build_tiny_lvlm("patch", build_caption_tokenizer(config(tmp_path, data)), **TINY)
+    model, inputs = build_tiny_lvlm("patch", caption_tokenizer(config(tmp_path, data)), **TINY)
     save_lvlm(model, inputs, tmp_path / "m")
     out = evaluate(tmp_path / "m", data)
     assert 0 <= out["image_token_accuracy"] <= 1 and 0 <= out["all_token_accuracy"] <= 1
@@ -130,7 +130,7 @@ def test_prior_config_errors_are_collected_and_name_the_fix(tmp_path):
     with pytest.raises(ConfigError, match="allowed values: 'batch', 'sequence', 'none'"):
         load_train_config(base, ["prior.normalize=global"])
     cfg = load_train_config({"modality": "prior", "data": {"train": ["x.jsonl"]}, "loss": {"name": "dpo"}})
-    with pytest.raises(ConfigError, match="loss.name=prior"):
+    with pytest.raises(ConfigError, match=r"loss.name='dpo': a PriorTask run trains every stage with \['prior'\]"):
         PriorTask(cfg)
 
 

@@ -11,7 +11,7 @@ import torch
 
 from mmalign.adapters.lvlm import score_captions
 from mmalign.data.captions import CaptionDataset, read_caption_rows
-from mmalign.methods.prior import prior_loss
+from mmalign.methods.table import prior_nll
 from mmalign.models.lvlm import PatchLVLM, build_tiny_lvlm, load_lvlm, save_lvlm
 from mmalign.models.text import apply_lora
 from mmalign.models.tokenizer import train_bpe_tokenizer
@@ -46,9 +46,9 @@ def test_unweighted_loss_equals_hf_loss_and_alpha0_weights_too(kind, data):
     batch = _batch(data, inputs)
     assert bool((batch.prompt_mask == 0).any()), "the batch must be left-padded to test positions"
     scores = score_captions(model, batch)
-    ntp = prior_loss(scores, batch).loss
+    ntp = prior_nll(scores, None, batch, {}).loss
     batch.extras["prior_weights"] = torch.ones_like(batch.completion_ids, dtype=torch.float32) * 0.37
-    scaled = prior_loss(scores, batch, "batch").loss  # constant weights renormalise to 1: NTP again
+    scaled = prior_nll(scores, None, batch, {"normalize": "batch"}).loss  # constant weights renormalise to 1: NTP again
     hf = hf_loss(model, batch)
     assert abs(ntp.item() - hf.item()) < 1e-6
     assert abs(scaled.item() - hf.item()) < 1e-6

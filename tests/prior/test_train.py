@@ -16,7 +16,7 @@ from mmalign.models.lvlm import load_lvlm
 from mmalign.schema import StageConfig
 from mmalign.train.metrics_log import read_metrics
 
-from ._tiny import config, write_rows
+from ._tiny import caption_tokenizer, config, write_rows
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_two_step_prior_run(tmp_path, data, lvlm):
     stats = summary["stages"][0].get("data") or {}
     ref_final = tmp_path / "run" / "prior_reference" / "final"
     assert (ref_final / "config.json").is_file()
-    assert stats.get("prior/cache_computed", len(task.dataset(list(cfg.data.train))[0])) > 0
+    assert stats.get("prior/cache_computed", len(task.family.caption_dataset(cfg.data.train)[0])) > 0
     loaded, io = load_lvlm(summary["final_model"])
     assert io.kind == lvlm
     # A second task on the same data and settings reuses the trained reference instead of training again.
@@ -77,12 +77,11 @@ def test_checkpoint_lvlm_with_lora_and_its_own_language_model_as_reference(tmp_p
     """The real-checkpoint path: a saved LLaVA directory, LoRA (adapter-only save, since the base is on disk),
     projector trained in full, and the reference started from the LVLM's extracted language model."""
     from mmalign.adapters.lvlm import score_captions
-    from mmalign.methods.prior import build_caption_tokenizer
     from mmalign.models.lvlm import build_tiny_lvlm, save_lvlm
 
     from ._tiny import TINY
 
-    model, inputs = build_tiny_lvlm("llava", build_caption_tokenizer(config(tmp_path, data)), **TINY)
+    model, inputs = build_tiny_lvlm("llava", caption_tokenizer(config(tmp_path, data)), **TINY)
     save_lvlm(model, inputs, tmp_path / "base")
     real = load_train_config(Path(__file__).resolve().parents[2] / "configs/prior/llava15_7b_lora_prior.yaml")
     cfg = config(tmp_path, data, f"model.name_or_path={tmp_path / 'base'}", "lora.enabled=true", "lora.r=4",

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from mmalign.losses import prior_token_weights, token_weighted_nll
-from mmalign.methods.prior import PriorTask, build_caption_tokenizer, reference_token_logps
+from mmalign.methods.prior import PriorTask, reference_token_logps
 from mmalign.models.text import build_tiny_causal_lm
 from mmalign.schema import StageConfig
 
-from ._tiny import config, hf_loss, write_rows
+from ._tiny import caption_tokenizer, config, hf_loss, write_rows
 
 MAIN = StageConfig(name="main")
 
@@ -30,9 +30,9 @@ def reference(data, tmp_path_factory):
     from mmalign.adapters.causal_lm import score_batch
 
     cfg = config(tmp_path_factory.mktemp("ref"), data)
-    tok = build_caption_tokenizer(cfg)
+    tok = caption_tokenizer(cfg)
     ref = build_tiny_causal_lm(len(tok), seed=5, hidden_size=32, num_heads=2, num_kv_heads=1, intermediate_size=64)
-    ds, _ = PriorTask(cfg, tokenizer=tok, reference=ref).dataset(list(cfg.data.train))
+    ds, _ = PriorTask(cfg, tokenizer=tok, reference=ref).family.caption_dataset(cfg.data.train)
     (_, text), = list(ds.text_batches(len(ds)))
     opt = torch.optim.Adam(ref.parameters(), lr=2e-2)
     for _ in range(15):
@@ -46,7 +46,7 @@ def reference(data, tmp_path_factory):
 
 def _setup(tmp_path, data, reference, *overrides):
     cfg = config(tmp_path, data, *overrides)
-    return PriorTask(cfg, tokenizer=build_caption_tokenizer(cfg), reference=reference), reference
+    return PriorTask(cfg, tokenizer=caption_tokenizer(cfg), reference=reference), reference
 
 
 def _full_batch(stage):
@@ -104,7 +104,7 @@ def test_weights_carry_no_gradient(tmp_path, data, reference):
 
 def test_cache_reused_and_invalidated_by_reference_or_settings(tmp_path, data, reference):
     task, ref = _setup(tmp_path, data, reference, "prior.alpha=1.0")
-    n = len(task.dataset(list(task.cfg.data.train))[0])
+    n = len(task.family.caption_dataset(task.cfg.data.train)[0])
     first = task.stage_data(MAIN).stats
     assert (first["prior/cache_hits"], first["prior/cache_computed"]) == (0, n)
     again = task.stage_data(MAIN).stats
