@@ -44,7 +44,7 @@ from torch.utils.data import Dataset
 from .batches import ImageBatch
 from .image_sources import _open_sources, _RowsTable, _Table
 from .noise import NoiseSampler, example_seed
-from .rows import SKIP_HINT, DataError, RowProblem
+from .rows import ALWAYS_DROPPED, SKIP_HINT, DataError, RowProblem
 
 IMAGE_FORMATS = ("pickapic", "pairs", "unpaired", "ranked", "sft")
 _SIGNATURES = {  # first match wins
@@ -184,15 +184,26 @@ def _pickapic(t: _Table, i: int, cols: dict, drop_ties: bool) -> ImageRecord | N
 def _ranking(t: _Table, i: int, cols: dict, k: int) -> list[float]:
     ranking, scores = cols["ranking"][i], cols["scores"][i]
     if ranking is None and scores is not None:
-        if not (isinstance(scores, list) and len(scores) == k and all(isinstance(s, (int, float)) for s in scores)):
-            raise _Bad("bad_ranking", "scores", scores, f"must be {k} numbers, one per image",
+        if not (isinstance(scores, list) and len(scores) == k and all(
+                isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in scores)):
+            raise _Bad("bad_ranking", "scores", scores, f"must be {k} finite numbers, one per image",
                        "give one score per image (higher = better) or a 'ranking'")
         order = sorted(range(k), key=lambda j: -scores[j])
         return [float(order.index(j)) for j in range(k)]
-    if not (isinstance(ranking, list) and sorted(ranking) == list(range(k))):
+    if not (isinstance(ranking, list) and all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in ranking)
+            and sorted(ranking) == list(range(k))):
         raise _Bad("bad_ranking", "ranking", ranking, f"is not a permutation of 0..{k - 1} ({k} images)",
                    "give the rank of each image (0 = best), each rank once, or 'scores'")
     return [float(r) for r in ranking]
+
+
+def _same_images(refs: list[ImageRef]) -> bool:
+    """Whether all candidates are one file (or the same bytes); Pick-a-Pic's bytes are not compared (cost)."""
+    keys = []
+    for ref in refs:
+        p, v = ref.path(), ref.value()
+        keys.append(p.resolve() if p is not None else v.get("bytes") if isinstance(v, dict) else v)
+    return all(isinstance(k, (Path, bytes)) and k == keys[0] for k in keys)
 
 
 def _detect(columns: set[str]) -> str | None:
@@ -237,10 +248,14 @@ def load_image_records(sources: str | Path | Sequence[str | Path], *, format: st
                     continue
                 for ref in rec.images:
                     _check_image(ref, verify_images)
+                if fmt in ("pairs", "ranked") and _same_images(rec.images):  # as for text rows (rows.ALWAYS_DROPPED)
+                    raise _Bad("identical_candidates", rec.images[-1].field_name, str(rec.images[-1].path()),
+                               f"is the same image as {rec.images[0].field_name!r}, so the row holds no preference",
+                               "remove the row, or give it different images")
                 rec.origin = origin
                 records.append(rec)
             except _Bad as bad:
-                if skip_bad_rows:
+                if skip_bad_rows or bad.details[0] in ALWAYS_DROPPED:
                     skipped[bad.details[0]] += 1
                 else:
                     problems.append(RowProblem(origin[0], origin[1], *bad.details))

@@ -8,11 +8,19 @@ line numbers). :func:`load_hf_split` opens one split of a saved dataset (also us
 :class:`DataError` and :class:`RowProblem` live here, not in ``rows``, to keep the imports acyclic: ``rows``
 imports this module (its parser raises these errors, and it re-exports the public names here so that
 ``from mmalign.data.rows import DataError, load_rows`` keeps working), so this module must not import ``rows``.
+
+What the readers refuse, each an error naming file, row and field (or, with ``skip_bad_rows``, a skip counted
+under the reason in brackets): a line that is not JSON [``invalid_json``]; a number too long for Python's int
+parser, 4300+ digits [``number_too_long``]; nesting deeper than :data:`MAX_DEPTH` [``nested_too_deep``]; a
+string or key holding a lone UTF-16 surrogate such as ``"\\ud800"``, which is not text and breaks tokenizers
+[``bad_unicode``]; an object that repeats a key, where JSON parsers silently keep the last value
+[``duplicate_key``]; a row that is not an object [``not_an_object``]. A UTF-8 byte-order mark is read over.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,10 +31,17 @@ MAX_REPORTED = 10
 SKIP_HINT = ("or set data.skip_bad_rows=true (skip_bad_rows=True in Python) to skip bad rows and count them in "
              "the logs")
 _DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+# Preference rows are records of text fields, message lists and content parts: 4 or 5 levels. Anything much
+# deeper is not a row, and recursive code downstream (repr, the tokenizer corpus, collators) would overflow.
+MAX_DEPTH = 32
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def short_repr(value: Any, limit: int = 80) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # absurd nesting, or an int too long to print
+        text = f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -129,11 +144,14 @@ def _read_one(path: Path, split: str, skip: bool, skipped: Counter, limit: int |
         return _read_jsonl(path, skip, skipped, limit)
     if suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            data = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_object)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, too many digits
             where = f":{e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
             hint = " (one JSON object per line? then name the file .jsonl)" if "Extra data" in str(e) else ""
             raise DataError(f"{path}{where}: invalid JSON: {e}; fix: repair the file{hint}") from e
+        if isinstance(data, _DuplicateKeys):  # the wrapping object; rows are checked one by one below
+            raise DataError(f"{path}: the top-level object repeats the key {data.duplicates[0]!r} (JSON keeps only "
+                            "the last value); fix: remove or rename one of them")
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list):
@@ -154,19 +172,77 @@ def _read_one(path: Path, split: str, skip: bool, skipped: Counter, limit: int |
     for i, row in enumerate(rows, start=1):
         if limit is not None and len(out) >= limit:
             break
-        if _keep_object(row, f"{path}:{i}: row {i}", skip, skipped):
+        if _keep_object(row, str(path), i, f"row {i}", skip, skipped):
             out.append((str(path), i, row))
     return out
 
 
-def _keep_object(row: Any, where: str, skip: bool, skipped: Counter) -> bool:
-    if isinstance(row, dict):
+def _keep_object(row: Any, file: str, number: int, what: str, skip: bool, skipped: Counter) -> bool:
+    """Whether to keep a decoded row: an object that passes :func:`row_problem`; else skip+count or raise."""
+    if not isinstance(row, dict):
+        if skip:
+            skipped["not_an_object"] += 1
+            return False
+        raise DataError(f"{file}:{number}: {what} is a {type(row).__name__} ({short_repr(row)}), not an object; "
+                        f"fix: make every row a JSON object with named fields, {SKIP_HINT}")
+    problem = row_problem(row, file, number)
+    if problem is None:
         return True
     if skip:
-        skipped["not_an_object"] += 1
+        skipped[problem.reason] += 1
         return False
-    raise DataError(f"{where} is a {type(row).__name__} ({short_repr(row)}), not an object; fix: make every "
-                    f"row a JSON object with named fields, {SKIP_HINT}")
+    raise DataError.from_problems([problem])
+
+
+class _DuplicateKeys(dict):
+    """A decoded JSON object that repeated a key (the last value kept, as ``json`` does); see :func:`_object`."""
+
+    duplicates: list[str]
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict:
+    # json's object_pairs_hook: objects decode as usual, but one with a repeated key is flagged, so that the row
+    # is reported with the key's place instead of silently losing the earlier value.
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    flagged = _DuplicateKeys(obj)
+    seen: set[str] = set()
+    flagged.duplicates = [k for k, _ in pairs if k in seen or seen.add(k)]
+    return flagged
+
+
+def row_problem(row: dict, file: str, number: int) -> RowProblem | None:
+    """The first thing in a decoded row that no row may hold (see the module docstring), or None.
+
+    Walks the row without recursion, so that no nesting can overflow the stack here."""
+    stack: list[tuple[Any, str, int]] = [(row, "", 1)]
+    while stack:
+        value, where, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return RowProblem(file, number, "nested_too_deep", where, value, f"is nested more than {MAX_DEPTH} "
+                              "levels deep", "flatten the row: text fields are strings or lists of messages")
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                return RowProblem(file, number, "bad_unicode", where or "<key>", value, "holds a lone UTF-16 "
+                                  "surrogate (\\ud800-\\udfff), which is not text", "re-encode the text as "
+                                  "UTF-8 (an escaped character outside the BMP needs both surrogate halves)")
+        elif isinstance(value, dict):
+            if isinstance(value, _DuplicateKeys):
+                key = value.duplicates[0]
+                return RowProblem(file, number, "duplicate_key", _join(where, key), value[key], "appears twice in "
+                                  "one object (JSON keeps only the last value)", "remove or rename one of them")
+            for key, item in reversed(value.items()):
+                stack.append((item, _join(where, key), depth + 1))
+                if isinstance(key, str) and _SURROGATE.search(key):
+                    stack.append((key, _join(where, key), depth))
+        elif isinstance(value, (list, tuple)):
+            stack.extend((item, f"{where}[{i}]", depth + 1) for i, item in reversed(list(enumerate(value))))
+    return None
+
+
+def _join(where: str, key: Any) -> str:
+    return f"{where}.{key}" if where else str(key)
 
 
 def _read_jsonl(path: Path, skip: bool, skipped: Counter, limit: int | None) -> list:
@@ -178,17 +254,29 @@ def _read_jsonl(path: Path, skip: bool, skipped: Counter, limit: int | None) -> 
             if not raw.strip():
                 continue
             try:
-                row = json.loads(raw.decode("utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first row.
+                row = json.loads(raw.decode("utf-8-sig"), object_pairs_hook=_object)
+            except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, too many digits
+                reason, what, fix = _decode_failure(e)
                 if skip:
-                    skipped["invalid_json"] += 1
+                    skipped[reason] += 1
                     continue
-                raise DataError(f"{path}:{lineno}: invalid JSON on line {lineno}: {e} "
-                                f"(line: {short_repr(raw)}); fix: make each line one JSON object, "
-                                f"{SKIP_HINT}") from e
-            if _keep_object(row, f"{path}:{lineno}: line {lineno}", skip, skipped):
+                raise DataError(f"{path}:{lineno}: invalid JSON on line {lineno}: {what} "
+                                f"(line: {short_repr(raw)}); fix: {fix}, {SKIP_HINT}") from e
+            if _keep_object(row, str(path), lineno, f"line {lineno}", skip, skipped):
                 out.append((str(path), lineno, row))
     return out
+
+
+def _decode_failure(e: Exception) -> tuple[str, str, str]:
+    """(skip reason, what is wrong, fix) for an exception of json.loads."""
+    if isinstance(e, RecursionError):
+        return "nested_too_deep", "nested too deep to decode", "flatten the row (text fields are strings or lists " \
+            "of messages)"
+    if not isinstance(e, (json.JSONDecodeError, UnicodeDecodeError)):  # int() refusing 4300+ digits
+        return "number_too_long", "a number has more digits than Python reads (4300)", "store such numbers as " \
+            "strings, or remove them"
+    return "invalid_json", str(e)[:200], "make each line one JSON object"
 
 
 def load_hf_split(path: Path, split: str, limit: int | None = None):
@@ -210,5 +298,6 @@ def load_hf_split(path: Path, split: str, limit: int | None = None):
 
 
 def _read_hf_dir(path: Path, split: str, limit: int | None) -> list:
+    # Arrow holds valid UTF-8 and bounded nesting, and has no duplicate keys: nothing for row_problem to find.
     return [(str(path), i + 1, row) for i, row in enumerate(load_hf_split(path, split, limit))]
 

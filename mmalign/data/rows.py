@@ -25,30 +25,54 @@ sft        prompt, completion | text |        ``text``: the prompt is empty; ``m
 =========  =================================  ================================================================
 
 Text fields are plain strings or conversations: lists of ``{"role": str, "content": str}`` messages (TRL's
-conversational format). A row uses one kind for all of its text fields.
+conversational format) with roles from :data:`ROLES`; a conversational completion ends with an assistant turn.
+A row uses one kind for all of its text fields. ``margin``/``weight`` and ranking ``scores`` are finite numbers.
 
 Bad rows raise one :class:`DataError` listing up to 10 of them (file, row, field, value, fix); with
-``skip_bad_rows=True`` they are dropped and counted per reason instead, for the training logs.
+``skip_bad_rows=True`` they are dropped and counted per reason instead, for the training logs. Rows whose
+candidates are all identical are always dropped, counted (``identical_candidates``) and warned about: they are
+well-formed but hold no preference (see :data:`ALWAYS_DROPPED`). What the file readers refuse (invalid JSON,
+duplicate keys, lone surrogates, deep nesting, over-long numbers) is listed in :mod:`mmalign.data.row_files`.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
-# Step 1 (file reading) and the error types live in row_files, which must not import this module (see its
-# docstring); the names below are re-exported so that `from mmalign.data.rows import ...` keeps working.
+# The records live in `records`; step 1 (file reading) and the error types in row_files, which must not import
+# this module (see its docstring). The names are re-exported so that `from mmalign.data.rows import ...` works.
+from .records import (  # noqa: F401
+    Message,
+    Origin,
+    PairRow,
+    ParsedRows,
+    RankedRow,
+    Record,
+    SFTRow,
+    Text,
+    UnpairedRow,
+)
 from .row_files import MAX_REPORTED, SKIP_HINT, DataError, RowProblem, load_hf_split, load_rows, short_repr  # noqa: F401
 
-Message = dict[str, str]
-Text = Union[str, list[Message]]  # noqa: UP007 -- runtime alias, must also work on 3.10 without `|` on generics
-Origin = tuple[str, int]  # (file, 1-based row number)
+log = logging.getLogger(__name__)
 
 FORMATS = ("pairs", "unpaired", "ranked", "sft")
 NUMERIC_META = ("margin", "weight")  # the collator turns these columns into tensors, so they must be numbers
 _TRUE, _FALSE = {"true", "yes", "1"}, {"false", "no", "0"}
+# The roles chat templates know (OpenAI/TRL, plus developer, function and Llama 3's ipython). Any other role is a
+# typo or a foreign schema: templates drop such turns or render them as plain text, so the row would train on
+# something else than it says.
+ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
+# Reasons for which a row is dropped (and counted, and warned about) even without skip_bad_rows. Identical
+# candidates are not malformed, and TRL trains them, but they carry no preference: the DPO-family margin is 0
+# for every weight, so the row adds no gradient and only dilutes the batch mean (and sft/nll terms would train
+# on a "preferred" answer that is also the rejected one). Refusing the whole file for them would stop runs on
+# sampled pairs where two samples coincide; mmalign.data.pairs drops such ties the same way (ties_identical).
+ALWAYS_DROPPED = ("identical_candidates",)
 # Keys that identify a format; a row holding keys of two formats takes the first match.
 _SIGNATURES = {
     "pairs": ("chosen", "rejected"),
@@ -70,115 +94,6 @@ class _Bad(Exception):
     def __init__(self, reason: str, field: str, value: Any, message: str, fix: str):
         super().__init__(message)
         self.details = (reason, field, value, message, fix)
-
-
-# --------------------------------------------------------------------------------------------------------
-# Records. All four expose `candidates` (the K completions) and `labels` (one float per candidate), which is
-# all the text encoder needs to know about the format.
-
-
-class _RecordView:
-    prompt: Text
-
-    @property
-    def candidates(self) -> list[Text]:
-        raise NotImplementedError
-
-    @property
-    def is_conversational(self) -> bool:
-        return isinstance(self.prompt, list)
-
-
-@dataclass
-class PairRow(_RecordView):
-    """A preference pair: candidate 0 is ``chosen``, 1 is ``rejected``; labels are their ranks ``[0, 1]``."""
-
-    prompt: Text
-    chosen: Text
-    rejected: Text
-    meta: dict[str, Any] = field(default_factory=dict)
-    origin: Origin = ("<memory>", 0)
-
-    @property
-    def candidates(self) -> list[Text]:
-        return [self.chosen, self.rejected]
-
-    @property
-    def labels(self) -> list[float]:
-        return [0.0, 1.0]
-
-
-@dataclass
-class UnpairedRow(_RecordView):
-    """One completion with a desirability label (KTO/BCO); label 1.0 = desirable, 0.0 = undesirable."""
-
-    prompt: Text
-    completion: Text
-    label: bool
-    meta: dict[str, Any] = field(default_factory=dict)
-    origin: Origin = ("<memory>", 0)
-
-    @property
-    def candidates(self) -> list[Text]:
-        return [self.completion]
-
-    @property
-    def labels(self) -> list[float]:
-        return [1.0 if self.label else 0.0]
-
-
-@dataclass
-class RankedRow(_RecordView):
-    """K >= 2 completions; ``ranking[i]`` is the rank of ``completions[i]`` (0 = best), a permutation.
-
-    Labels are these ranks, matching ``TextBatch.labels`` ("ranking position, 0 = best").
-    """
-
-    prompt: Text
-    completions: list[Text]
-    ranking: list[int]
-    meta: dict[str, Any] = field(default_factory=dict)
-    origin: Origin = ("<memory>", 0)
-
-    @property
-    def candidates(self) -> list[Text]:
-        return list(self.completions)
-
-    @property
-    def labels(self) -> list[float]:
-        return [float(r) for r in self.ranking]
-
-
-@dataclass
-class SFTRow(_RecordView):
-    """A demonstration: one completion and no preference label (label NaN)."""
-
-    prompt: Text
-    completion: Text
-    meta: dict[str, Any] = field(default_factory=dict)
-    origin: Origin = ("<memory>", 0)
-
-    @property
-    def candidates(self) -> list[Text]:
-        return [self.completion]
-
-    @property
-    def labels(self) -> list[float]:
-        return [float("nan")]
-
-
-Record = Union[PairRow, UnpairedRow, RankedRow, SFTRow]  # noqa: UP007
-
-
-@dataclass
-class ParsedRows:
-    """What :func:`parse_rows` returns: the valid records, skipped-row counts per reason, the format used."""
-
-    records: list[Record]
-    skipped: Counter
-    format: str
-    rows_read: int
-
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -214,6 +129,7 @@ def parse_rows(rows: Iterable[tuple[str, int, Mapping] | Mapping], *, format: st
 
     records: list[Record] = []
     skipped: Counter = Counter()
+    dropped: Counter = Counter()  # ALWAYS_DROPPED reasons seen, to warn once per reason
     problems: list[RowProblem] = []
     for (file, row_no, row), det in zip(tagged, detected, strict=True):
         try:
@@ -225,8 +141,12 @@ def parse_rows(rows: Iterable[tuple[str, int, Mapping] | Mapping], *, format: st
             records.append(_PARSERS[fmt](row, (file, row_no)))
         except _Bad as bad:
             problem = RowProblem(file, row_no, *bad.details)
-            if skip_bad_rows:
+            if problem.reason in ALWAYS_DROPPED and not dropped[problem.reason]:
+                log.warning("%s; the row is dropped and counted as skipped/%s (also every other such row)",
+                            problem, problem.reason)
+            if skip_bad_rows or problem.reason in ALWAYS_DROPPED:
                 skipped[problem.reason] += 1
+                dropped[problem.reason] += problem.reason in ALWAYS_DROPPED
             else:
                 problems.append(problem)
     if problems:
@@ -243,12 +163,24 @@ def _is_message(m: Any) -> bool:
     return isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
 
 
+def _is_finite(v: Any) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int too large for a float (the collator would fail on it)
+        return False
+
+
 def _check_text(value: Any, key: str, *, completion: bool) -> Text:
     if isinstance(value, str):
         text = value
     elif isinstance(value, list) and all(_is_message(m) for m in value):
         # HF datasets fill absent struct fields with None; drop them so chat templates see clean messages.
         value = [{k: v for k, v in m.items() if v is not None} for m in value]
+        bad_role = next((i for i, m in enumerate(value) if m["role"] not in ROLES), None)
+        if bad_role is not None:
+            raise _Bad("bad_role", f"{key}[{bad_role}].role", value[bad_role]["role"],
+                       f"is not a chat role ({', '.join(ROLES)})", "use one of these roles (a typo?), or map "
+                       "your dataset's roles to them")
         text = "".join(m["content"] for m in value)
     else:
         raise _Bad("bad_type", key, value, "must be a string or a list of {'role': str, 'content': str} "
@@ -267,6 +199,12 @@ def _field(row: Mapping, key: str, *, completion: bool) -> Text:
 
 
 def _same_kind(prompt: Text, candidates: Sequence[Text], keys: Sequence[str]) -> None:
+    """Every format's last check of prompt and candidates: one kind of text, conversational completions that
+    end with an assistant turn, and not all candidates alike (see ALWAYS_DROPPED). A ranked list with some
+    repeated samples keeps its other comparisons; only one whose candidates are all the same is dropped."""
+    if isinstance(prompt, list) and not prompt:  # also an implicit prompt: conversations with no shared first turn
+        raise _Bad("empty_prompt", "prompt", prompt, "is an empty conversation (chat templates need a message to "
+                   "render)", "start each conversation with a user (or system) turn; it becomes the prompt")
     for key, cand in zip(keys, candidates, strict=True):
         if isinstance(cand, list) != isinstance(prompt, list):
             kind, other = ("a conversation", "a string")
@@ -274,6 +212,15 @@ def _same_kind(prompt: Text, candidates: Sequence[Text], keys: Sequence[str]) ->
                 kind, other = other, kind
             raise _Bad("bad_type", key, cand, f"is {kind} but 'prompt' is {other}",
                        "use plain strings or message lists for all text fields of a row, not both")
+        if isinstance(cand, list) and (not cand or cand[-1]["role"] != "assistant"):
+            # Otherwise the chat template renders no assistant turn, and the completion encodes to (almost)
+            # nothing: both sides of a pair would score the same end-of-turn tokens.
+            raise _Bad("no_assistant_turn", key, cand, "does not end with an assistant turn, so it holds no "
+                       "response to train on", "end the completion with a {'role': 'assistant', 'content': ...} "
+                       "message (earlier user turns belong in 'prompt')")
+    if len(candidates) > 1 and all(c == candidates[0] for c in candidates[1:]):
+        raise _Bad("identical_candidates", keys[-1], candidates[-1], f"is identical to {keys[0]!r}, so the row "
+                   "holds no preference", "remove the row, or give it different completions")
 
 
 def _last_assistant(conv: list[Message], key: str) -> int:
@@ -313,6 +260,9 @@ def _meta(row: Mapping, fmt: str) -> dict[str, Any]:
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
             raise _Bad("bad_type", key, v, "must be a number",
                        f"store {key!r} as a number or rename the column")
+        if v is not None and not _is_finite(v):  # a NaN/inf weight or margin turns the loss into NaN/inf
+            raise _Bad("not_finite", key, v, "is not a finite number",
+                       f"give {key!r} a finite value, or leave it out (null) for rows without one")
     return meta
 
 
@@ -351,8 +301,8 @@ def _parse_ranking(row: Mapping, k: int) -> list[int]:
     ranking, scores = row.get("ranking"), row.get("scores")
     if ranking is None and scores is not None:
         if not (isinstance(scores, list) and len(scores) == k
-                and all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores)):
-            raise _Bad("bad_ranking", "scores", scores, f"must be a list of {k} numbers, one per completion",
+                and all(isinstance(s, (int, float)) and not isinstance(s, bool) and _is_finite(s) for s in scores)):
+            raise _Bad("bad_ranking", "scores", scores, f"must be a list of {k} finite numbers, one per completion",
                        "give one score per completion (higher = better), or a 'ranking'")
         order = sorted(range(k), key=lambda i: -scores[i])  # stable: ties keep their listed order
         return [order.index(i) for i in range(k)]
@@ -391,6 +341,7 @@ def _parse_sft(row: Mapping, origin: Origin) -> SFTRow:
     if isinstance(value, str):
         return SFTRow("", value, _meta(row, "sft"), origin)
     cut = _last_assistant(value, key)
+    _same_kind(value[:cut], [value[cut:]], [key])
     return SFTRow(value[:cut], value[cut:], _meta(row, "sft"), origin)
 
 

@@ -87,7 +87,11 @@ def write_jsonl(rows: Iterable[dict[str, Any]], path: str | Path) -> Path:
 
 
 def corpus(rows: Iterable[dict[str, Any]]) -> list[str]:
-    """All text of the rows (prompts, completions, message contents), e.g. to train a tokenizer on."""
+    """All text of the rows (prompts, completions, message contents), e.g. to train a tokenizer on.
+
+    Any row shape is taken (this runs on the raw rows, before they are validated): strings are collected, lists
+    searched, and of a dict only its ``content`` (a message) or ``text`` (a content part); anything else is
+    passed over, so that a malformed row is left for validation to report."""
     out: list[str] = []
 
     def add(value: Any) -> None:
@@ -95,7 +99,11 @@ def corpus(rows: Iterable[dict[str, Any]]) -> list[str]:
             out.append(value)
         elif isinstance(value, list):
             for item in value:
-                add(item["content"] if isinstance(item, dict) else item)
+                if isinstance(item, dict):
+                    add(item.get("content"))
+                    add(item.get("text"))
+                else:
+                    add(item)
 
     for row in rows:
         for key in ("prompt", "chosen", "rejected", "completion", "completions", "text", "messages"):

@@ -165,8 +165,10 @@ def _log_data_stats(run: Run, stage: StageConfig, stats: dict) -> None:
     skipped = {k: v for k, v in stats.items() if k.endswith("rows_skipped") and v}
     if skipped and run.accelerator.is_main_process:
         reasons = {k: v for k, v in stats.items() if "skipped/" in k and v}
-        log.warning("stage %r: skipped bad rows %s (data.skip_bad_rows=true); reasons: %s", stage.name, skipped,
-                    reasons)
+        # Bad rows are skipped only with data.skip_bad_rows=true; rows whose candidates are identical are dropped
+        # either way (no preference to learn), so the message names both.
+        log.warning("stage %r: rows skipped %s (bad rows under data.skip_bad_rows=true, or identical candidates); "
+                    "reasons: %s", stage.name, skipped, reasons)
 
 
 def _stage_precomputed(run: Run, stage: Stage, resuming: dict | None) -> None:

@@ -15,6 +15,7 @@ from mmalign.data.rows import (
     RankedRow,
     SFTRow,
     UnpairedRow,
+    _split_shared_prompt,  # the implicit-prompt split on its own
     load_rows,
     parse_rows,
 )
@@ -205,9 +206,11 @@ def test_conversational_rows_and_implicit_prompt():
     implicit = parse_rows([{"chosen": [sys_, user, blue], "rejected": [sys_, user, green]}]).records[0]
     assert implicit.prompt == [sys_, user] and implicit.chosen == [blue] and implicit.rejected == [green]
 
-    # Identical conversations still keep their last assistant turn as the completion.
-    same = parse_rows([{"chosen": [user, blue], "rejected": [user, blue]}]).records[0]
-    assert same.prompt == [user] and same.chosen == [blue]
+    # Identical conversations still keep their last assistant turn as the completion; such a pair holds no
+    # preference, so parse_rows drops and counts it (with or without skip_bad_rows).
+    assert _split_shared_prompt([[user, blue], [user, blue]], ["chosen", "rejected"]) == ([user], [[blue], [blue]])
+    same = parse_rows([{"chosen": [user, blue], "rejected": [user, blue]}])
+    assert not same.records and same.skipped == Counter(identical_candidates=1)
 
     ranked = parse_rows([{"completions": [[user, blue], [user, green]], "ranking": [1, 0]}]).records[0]
     assert ranked.prompt == [user] and ranked.completions == [[blue], [green]]

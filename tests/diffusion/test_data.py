@@ -94,9 +94,10 @@ def test_jsonl_formats_from_assets():
 
 def test_missing_and_corrupt_images(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok2.png")  # a pair of one file twice would be dropped (identical)
     (tmp_path / "broken.png").write_bytes(b"not a png")
     path = _jsonl(tmp_path / "d.jsonl", [
-        {"caption": "fine", "chosen": "ok.png", "rejected": "ok.png"},
+        {"caption": "fine", "chosen": "ok.png", "rejected": "ok2.png"},
         {"caption": "missing", "chosen": "ok.png", "rejected": "nope.png"},
         {"caption": "corrupt", "chosen": "broken.png", "rejected": "ok.png"},
     ])
@@ -141,7 +142,8 @@ def test_flip_is_joint_and_off_by_default(tmp_path):
     img = Image.new("RGB", (16, 16), (0, 0, 0))
     img.paste((255, 255, 255), (0, 0, 8, 16))  # left half white: asymmetric
     img.save(tmp_path / "half.png")
-    path = _jsonl(tmp_path / "d.jsonl", [{"caption": "c", "chosen": "half.png", "rejected": "half.png"}])
+    img.save(tmp_path / "half2.png")  # the same pixels in another file (one file twice is an identical pair)
+    path = _jsonl(tmp_path / "d.jsonl", [{"caption": "c", "chosen": "half.png", "rejected": "half2.png"}])
     recs, _ = load_image_records(path)
     plain = ImageDataset(recs, resolution=16)
     assert all(plain[0].pixels[0, 0, 0, 0] == 1.0 for _ in range(4))
@@ -183,10 +185,11 @@ def test_eval_examples_keep_their_own_noise_sampler():
 
 
 def test_collate_ragged_ranked_lists(tmp_path):
-    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    for name in ("a", "b", "c"):  # distinct files: a list of one file repeated is dropped (identical)
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{name}.png")
     path = _jsonl(tmp_path / "r.jsonl", [
-        {"caption": "three", "images": ["a.png", "a.png", "a.png"], "ranking": [1, 0, 2]},
-        {"caption": "two", "images": ["a.png", "a.png"], "scores": [0.1, 0.9]},
+        {"caption": "three", "images": ["a.png", "b.png", "c.png"], "ranking": [1, 0, 2]},
+        {"caption": "two", "images": ["a.png", "b.png"], "scores": [0.1, 0.9]},
     ])
     recs, _ = load_image_records(path)
     ds = ImageDataset(recs, resolution=8, noise_sampler=NoiseSampler(latent_shape=(4, 4, 4)))
