@@ -67,6 +67,9 @@ def train(config: str | Path | Mapping | TrainConfig | None = None, overrides: S
     cfg = load_train_config(config, overrides, {k.replace("__", "."): v for k, v in extra.items()})
     if task is None:  # every config problem (recipes, data, loss names and options, family checks) before the
         resolve(task_target(cfg)).validate(cfg)  # output directory is written or a model is built
+    from .train.output_guard import plan_resume
+
+    plan_resume(cfg)  # a changed config over checkpoints, or a finished final/, is refused before anything is written
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     dump_yaml(cfg, out / "config.yaml", header="resolved config of this run (mmalign train reads it back)")

@@ -120,12 +120,19 @@ class OptimConfig:
         return errs
 
 
+# Names shown in --help-config; each is a METHODS row (tests/methods/test_table.py checks it, schema cannot import
+# the table: it sits below it).
+LOSS_NAME_EXAMPLES = ("dpo", "simpo", "cpo", "orpo", "kto", "plackett_luce", "rm", "sft", "online_dpo", "xpo",
+                      "seq_contrastive", "token_guidance", "self_npo", "clip_refine", "zscl", "prior")
+
+
 @dataclass
 class LossConfig:
     """The method's loss: ``name`` picks a row of :data:`mmalign.methods.table.METHODS` (and, for recipes such as
     online_dpo or self_npo, the task that runs it); ``kwargs`` go to its loss."""
 
-    name: str = _h("method/loss name, e.g. dpo, simpo, cpo, orpo, slic, kto, npo, simnpo, listwise, rm, sft", "dpo")
+    name: str = _h("a row of mmalign.methods.table.METHODS (a wrong name lists the modality's valid ones), e.g. "
+                   + ", ".join(LOSS_NAME_EXAMPLES), "dpo")
     kwargs: dict[str, Any] = _h("keyword arguments of the loss (beta, loss_type, label_smoothing, ...)", factory=dict)
     sft_weight: float = _h("add weight × NLL of the chosen completion (RPO/MPO-style)", 0.0)
     retain_weight: float = _h("unlearning: weight of the retain-set NLL", 1.0)
@@ -160,7 +167,11 @@ class RunConfig:
     eval_batches: int | None = _h("cap the number of eval batches", None)
     save_every: int = _h("checkpoint every N steps (0: only the final model)", 0)
     keep_last: int = _h("checkpoints kept on disk", 2)
-    resume: str = _h("'auto' (newest complete checkpoint), 'never', or a checkpoint directory", "auto")
+    resume: str = _h("'auto': the newest complete checkpoint, refused when it was written under a different "
+                     "training config (the differing keys are listed); 'force': the newest one even so; 'never'; "
+                     "or a checkpoint directory (differences only warned about)", "auto")
+    overwrite: bool = _h("start over in an output_dir that holds a run: its checkpoints are removed and final/ "
+                         "replaced (without it a finished final/ is never overwritten)", False)
     report_to: list[str] = _h("jsonl, tensorboard, wandb", factory=lambda: ["jsonl", "tensorboard"])
     progress: bool = _h("show a progress bar", True)
     save_final: bool = _h("save_pretrained the final model to <output_dir>/final", True)
@@ -174,6 +185,8 @@ class RunConfig:
         bad = sorted(set(self.report_to) - {"jsonl", "tensorboard", "wandb"})
         if bad:
             errs.append(f"report_to has {bad}; allowed: ['jsonl', 'tensorboard', 'wandb']")
+        if self.overwrite and self.resume not in ("auto", "force", "never"):
+            errs.append(f"overwrite=true starts over, resume={self.resume!r} resumes a checkpoint: set one of them")
         if self.max_steps is not None and self.max_steps < 1:
             errs.append(f"max_steps={self.max_steps} must be >= 1 or null")
         return errs

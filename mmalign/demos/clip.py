@@ -61,7 +61,7 @@ def _train(out: Path, name: str, seed: int, overrides: list[str]) -> dict:
     from ..api import train
 
     return train(None, ["modality=clip", f"run.output_dir={out / name}", "run.resume=never", "run.report_to=[jsonl]",
-                        "run.progress=false", f"run.seed={seed}", *overrides])
+                        "run.overwrite=true", "run.progress=false", f"run.seed={seed}", *overrides])
 
 
 def pretrain_overrides(data: dict[str, Path], steps: int = PRETRAIN["steps"]) -> list[str]:

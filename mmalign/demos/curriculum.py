@@ -44,7 +44,7 @@ def _train(out: Path, name: str, overrides: list[str], *, stages: list[dict] | N
 
     run_dir = out / name
     args = [f"run.output_dir={run_dir}", "run.resume=never", "run.report_to=[jsonl]", "run.progress=false",
-            *overrides]
+            "run.overwrite=true", *overrides]
     key = json.dumps({"args": args, "stages": stages}, sort_keys=True)
     marker = run_dir / "demo_args.json"
     if marker.is_file() and marker.read_text() == key and (run_dir / "final" / "config.json").is_file():

@@ -57,9 +57,8 @@ RESOLUTION = 16
 TINY = "model.tiny={channels: [16, 32], text_hidden: 32, text_max_length: 20}"
 # x0 ("sample") prediction: see the module docstring.
 COMMON = ["modality=diffusion", "diffusion.pixel_space=true", f"diffusion.resolution={RESOLUTION}",
-          "diffusion.prediction_type=sample",
+          "diffusion.prediction_type=sample", "run.overwrite=true",
           "run.resume=never", "run.report_to=[jsonl]", "run.progress=false", "diffusion.verify_images=false"]
-
 
 def _config(out: Path, name: str, overrides: list[str], seed: int):
     from ..api import load_train_config

@@ -204,7 +204,7 @@ def run(out_dir: str | Path = "outputs/demo/prior", *, seed: int = 0, lvlm: str 
         "model.tiny={hidden_size: 64, num_layers: 2, num_heads: 4, num_kv_heads: 2, intermediate_size: 128, "
         "vocab_size: 512}", f"run.max_steps={steps}", "run.batch_size=32",
         "optim.lr=2e-3", "optim.scheduler=cosine", "optim.warmup_steps=10", f"run.seed={seed}",
-        "run.resume=never", "run.report_to=[jsonl]", "run.progress=false",
+        "run.resume=never", "run.overwrite=true", "run.report_to=[jsonl]", "run.progress=false",
     ]
     ntp = train(None, [*common, f"run.output_dir={out / 'ntp'}", "prior.enabled=false"])
     prior = train(None, [*common, f"run.output_dir={out / 'prior'}", "prior.alpha=1.0",

@@ -37,7 +37,7 @@ def _train(out: Path, name: str, overrides: list[str]) -> dict:
     from ..api import train
 
     return train(None, [f"run.output_dir={out / name}", "run.resume=never", "run.report_to=[jsonl]",
-                        "run.progress=false", *overrides])
+                        "run.overwrite=true", "run.progress=false", *overrides])
 
 
 @torch.no_grad()

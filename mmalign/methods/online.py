@@ -50,6 +50,7 @@ from ..config import ConfigError, from_dict
 from ..data.batches import TextBatch
 from ..data.rows import DataError, RowProblem, load_rows
 from ..data.text import EncodedExample, PreferenceDataset
+from ..models.chat import chat_prompt_ids
 from ..schema import StageConfig, TrainConfig
 from ..types import Scores
 from .preference import stage_loss
@@ -116,8 +117,7 @@ def build_prompt_dataset(sources, tokenizer, *, limit: int | None = None, max_pr
         if isinstance(prompt, str):
             ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
         else:
-            out = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-            ids = list(out["input_ids"] if isinstance(out, dict) else out)
+            ids = chat_prompt_ids(tokenizer, prompt)
         ids = ids or ([bos] if bos is not None else [])
         if not ids:
             problems.append(RowProblem(file, row, "empty_prompt", "prompt", prompt, "tokenises to no tokens and "

@@ -216,6 +216,7 @@ class PriorTask(LVLMTask):
                 run["model"]["name_or_path"] = str(ref_dir / "init")
         key = hashlib.sha256(json.dumps([run, list(pc.reference_overrides), corpus, mc.name_or_path],
                                         sort_keys=True).encode()).hexdigest()
+        run["run"]["overwrite"] = True  # a stale reference (other key) is retrained in place; not in the cache key
         final, marker = ref_dir / "final", ref_dir / "prior_reference.json"
         if (final / "config.json").is_file() and marker.is_file() and json.loads(marker.read_text()).get("key") == key:
             log.info("PRIOR reference reused from %s", final)

@@ -23,6 +23,7 @@ from ..adapters.causal_lm import score_batch, unwrap_causal_lm
 from ..config import ConfigError
 from ..data.batches import TextBatch
 from ..data.text import EncodedExample
+from ..models.chat import chat_prompt_ids
 
 BatchedReward = Callable[[list, list[str]], list[float]]
 
@@ -76,7 +77,10 @@ def load_reward_fn(spec: str) -> BatchedReward:
     if len(positional) == 1 and inspect.Parameter.VAR_POSITIONAL not in kinds:
         return _checked(spec, lambda prompts, completions: [fn(c) for c in completions])
     if len(positional) == 2 or (len(positional) < 2 and inspect.Parameter.VAR_POSITIONAL in kinds):
-        return _checked(spec, lambda prompts, completions: [fn(p, c)
+        # a prompt parameter annotated ``str`` gets conversational prompts as text (the demo's addition_reward);
+        # otherwise the prompt is passed as the row holds it (TRL passes the messages)
+        as_text = _text if positional and positional[0].annotation in (str, "str") else (lambda p: p)
+        return _checked(spec, lambda prompts, completions: [fn(as_text(p), c)
                                                             for p, c in zip(prompts, completions, strict=True)])
     raise ConfigError(f"options.reward_fn={spec!r}: the function must take (completion), (prompt, completion) or "
                       "keyword arguments (prompts=, completions=) returning a list of floats")
@@ -137,8 +141,7 @@ class ModelReward:
     def _prompt_ids(self, prompt: Any) -> list[int]:
         if isinstance(prompt, str):
             return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        ids = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        return chat_prompt_ids(self.tokenizer, prompt)
 
     @torch.no_grad()
     def __call__(self, prompts: list, completions: list[str]) -> list[float]:

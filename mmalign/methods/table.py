@@ -47,6 +47,7 @@ from ..config import ConfigError
 from ..losses import LossOutput
 from ..types import Scores
 from . import clip_losses as CL
+from .loss_kwargs import check_option_values, default_options
 
 __all__ = ["ALIASES", "METHODS", "Method", "check_loss_kwargs", "find_method", "get_method", "loss_options",
            "prior_nll", "ranking_order", "refusal", "sft_loss", "valid_names"]
@@ -389,12 +390,13 @@ def loss_options(method: Method) -> dict[str, inspect.Parameter]:
 
 
 def check_loss_kwargs(method: Method, kwargs: Mapping, where: str = "loss.kwargs", *, family=None) -> list[str]:
-    """Unknown and missing required loss options, checked before the model is trained: without this a typo
-    (``betta``) or a required option left out (AlphaPO's ``alpha``) surfaced as a TypeError at step 1.
-    ``family`` (a ModelFamily class) adds the keys it consumes itself and refuses per-token options it cannot
-    honour."""
+    """Unknown and missing required loss options, and the values of the known ones (types, finiteness, allowed
+    names, the loss's own range checks: :mod:`mmalign.methods.loss_kwargs`), checked before the model is built:
+    without this a typo (``betta``), a required option left out (AlphaPO's ``alpha``) or a bad value
+    (``loss_type=bogus``, ``beta=nan``) surfaced at step 1. ``family`` (a ModelFamily class) adds the keys it
+    consumes and refuses per-token options it cannot honour. Rows whose options are their defaults: values only."""
     if method.loss_fn is None:
-        return []
+        return check_option_values(method, default_options(method), kwargs, where)
     options = loss_options(method)
     extra = family.extra_kwargs if family is not None else frozenset()
     errors = [f"{where}.{k}: not an option of loss {method.name!r}; valid: {sorted(options)}"
@@ -405,4 +407,4 @@ def check_loss_kwargs(method: Method, kwargs: Mapping, where: str = "loss.kwargs
     if family is not None and "token_logps" not in family.provides:
         errors += [f"{where}.{k}: a per-token option, but the {family.name} family has no tokens "
                    f"({family.cannot.get('token_logps', NEEDS['token_logps'])})" for k in kwargs if k in TOKEN_OPTIONS]
-    return errors
+    return errors + check_option_values(method, options, kwargs, where)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..models.chat import chat_prompt_ids
+
 
 @dataclass
 class Samples:
@@ -53,9 +55,7 @@ def generate(
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
         if chat:
-            ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                 tokenize=True) for p in chunk]
-            ids = [x["input_ids"] if isinstance(x, dict) else list(x) for x in ids]
+            ids = [chat_prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in chunk]
         else:
             # with special tokens (BOS for Llama-style tokenizers), as the text encoder tokenises training prompts
             ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in chunk]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import torch
 from torch import nn
 
@@ -57,6 +59,8 @@ def save_final(run: Run, *, force_gathered: bool = False) -> None:
         final = run.out_dir / "final"
         full_state = gathered_state_dict(accelerator, run.model, force=force_gathered)
         if accelerator.is_main_process:
+            if final.exists():  # a previous final/ (checked before training: resumed run or run.overwrite=true)
+                shutil.rmtree(final)  # replaced whole, so no file of another layout (full vs adapter) is left
             if full_state is None:
                 run.task.save_pretrained(run.task.model, final)
             else:

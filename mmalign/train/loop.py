@@ -35,6 +35,7 @@ from .accel import make_accelerator
 from .evaluate import evaluate
 from .final_save import check_final_save, gathered_state_dict, save_final
 from .metrics_log import MetricsLogger
+from .output_guard import plan_resume
 from .run_state import Resume, Run, RunState, save
 from .run_state import restore as restore_stage
 from .stage import Stage, make_reference, replay_merge, resolve_stages, setup_stage
@@ -60,7 +61,8 @@ def fit(task: Task, cfg: TrainConfig, accelerator=None) -> dict:
     out_dir = Path(cfg.run.output_dir)
     if accelerator.is_main_process:
         ckpt.clean_incomplete(out_dir)
-    resume_from = ckpt.find_resume_checkpoint(out_dir, cfg.run.resume)
+    resume_from = plan_resume(cfg, announce=accelerator.is_main_process, clean=accelerator.is_main_process)
+    accelerator.wait_for_everyone()  # run.overwrite: the previous run's checkpoints are gone on every rank
     check_final_save(accelerator, cfg)
     resume = Resume.read(resume_from, stages) if resume_from else None
     logger = MetricsLogger(out_dir, cfg.run.report_to, enabled=accelerator.is_main_process)

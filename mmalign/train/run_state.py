@@ -19,6 +19,7 @@ from ..methods.task import Task
 from ..schema import StageConfig, TrainConfig
 from . import checkpoint as ckpt
 from .metrics_log import MetricsLogger
+from .output_guard import training_config
 from .reference import PrecomputedReference, Reference
 
 if TYPE_CHECKING:
@@ -114,9 +115,11 @@ class Run:
 def save(run: Run, stage: Stage) -> Path:
     """A checkpoint at the current step: accelerate's state, the run state and the objects beside them."""
     state = run.state
+    # the training config the checkpoint was written under, compared when a run resumes (output_guard)
+    saved = {**state.to_json(stage), "config": training_config(run.cfg)}
     extra = {"scheduler": stage.scheduler.state_dict(), "reference": run.reference.state_dict(),
              "anchor_tables": state.anchors, "task": run.task.state_dict()}
-    return ckpt.save_checkpoint(run.accelerator, run.out_dir, state.global_step, state.to_json(stage),
+    return ckpt.save_checkpoint(run.accelerator, run.out_dir, state.global_step, saved,
                                 keep_last=run.cfg.run.keep_last, extra=extra)
 
 

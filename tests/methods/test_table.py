@@ -140,3 +140,17 @@ def test_train_refuses_before_writing_or_building(tmp_path, config, overrides, m
     with pytest.raises(ConfigError, match=match):
         train(config, [*overrides, f"run.output_dir={out}"])
     assert not out.exists()
+
+
+def test_help_config_suggests_only_rows():
+    """--help-config's loss.name examples are METHODS rows (it once suggested ``listwise``, an alias refused with
+    the default kwargs), and a wrong name lists every recipe of the family as valid."""
+    from mmalign.config import describe
+    from mmalign.schema import LOSS_NAME_EXAMPLES, TrainConfig
+
+    assert set(LOSS_NAME_EXAMPLES) <= set(METHODS)
+    assert ", ".join(LOSS_NAME_EXAMPLES) in describe(TrainConfig)
+    with pytest.raises(ConfigError) as err:
+        get_method("bogus", CausalLMFamily)
+    recipes = {n for n, m in METHODS.items() if m.family == "causal_lm"}
+    assert recipes and all(repr(n) in str(err.value) for n in recipes)
