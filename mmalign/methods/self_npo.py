@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from ..adapters.diffusion_family import DiffusionFamily
 from ..config import ConfigError
 from ..types import Scores
-from .preference import PreferenceTask
+from .diffusion import DiffusionTask
 from .task import StageData
 
 # NoiseLevels is unused here but re-exported: the TDFT math lived in this module first and is still imported from it.
@@ -143,7 +143,7 @@ class SelfNPOOptions:
         return opts
 
 
-class SelfNPOTask(PreferenceTask):
+class SelfNPOTask(DiffusionTask):
     """Self-NPO (``modality: diffusion``, ``loss.name: self_npo``): the generic task over the diffusion family
     (components, denoiser with or without LoRA, the run's save layout) plus hooks: data-free :meth:`stage_data`,
     :meth:`score` (teacher rollout, re-noising, student x0), :meth:`loss`, :meth:`after_step` and
@@ -156,7 +156,6 @@ class SelfNPOTask(PreferenceTask):
     seeded with ``(run seed, index, visit)``: they ride on the batch, whatever the batch size or process count.
     """
 
-    family_cls = DiffusionFamily
     family: DiffusionFamily
 
     @classmethod
@@ -190,14 +189,6 @@ class SelfNPOTask(PreferenceTask):
         if self.opts.teacher == "ema" or not self._lora:
             self._teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
         self._image_data = None
-
-    @property
-    def components(self):
-        return self.family.components
-
-    @property
-    def adapter(self):
-        return self.family.adapter
 
     # -- data -------------------------------------------------------------------------------------------------
     def _prompts(self) -> list[str]:
