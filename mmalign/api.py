@@ -79,3 +79,175 @@ def train(config: str | Path | Mapping | TrainConfig | None = None, overrides: S
     # A task built without train_fn (e.g. PriorTask(cfg) by hand) trains its auxiliary runs now (no-op otherwise).
     task.run_prerequisites(train)
     return fit(task, cfg)
+
+
+# ------------------------------------------------------------------------------------------------ dry run
+
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def plan(config: str | Path | Mapping | TrainConfig | None = None, overrides: Sequence[str] = (), **extra: Any
+         ) -> dict:
+    """What :func:`train` would do, without training or writing anything (``mmalign train --dry-run``).
+
+    Runs every check ``train`` makes before it writes (the config, the task's validation, the output-directory
+    rule), reads every data file with the modality's reader (skipping and counting bad rows: ``good``/``bad`` per
+    file) and returns the plan: modality, task, family, per stage the loss row with its effective kwargs and the
+    optimizer steps (``max_steps``, or epochs × rows / (batch_size × grad_accum)), the reference strategy, the
+    data counts, the output directory and whether the run would start, resume or be refused, and a rough memory
+    estimate from the parameter count (a ``tiny`` model is built; a checkpoint's ``config.json`` is read;
+    "unknown" otherwise). Raises ConfigError/DataError like ``train``.
+    """
+    import math
+
+    from .train.stage import resolve_stages
+
+    cfg = load_train_config(config, overrides, {k.replace("__", "."): v for k, v in extra.items()})
+    target = task_target(cfg)
+    cls = resolve(target)
+    uses = cls.validate(cfg)
+    family = getattr(cls, "family_cls", None)
+    stages = resolve_stages(cfg)
+    task, model_note = None, "unknown"
+    if cfg.model.name_or_path == "tiny":
+        import tempfile
+
+        # Tiny models build in seconds; some recipes write while they build (PRIOR saves its reference's initial
+        # weights), so the throwaway task builds into a temporary output directory, never the run's.
+        with tempfile.TemporaryDirectory(prefix="mmalign-dry-run-") as tmp:
+            try:
+                task = cls(load_train_config(cfg, [f"run.output_dir={tmp}"]))
+            except Exception as e:  # noqa: BLE001 - the estimate is optional; the plan reports why it is missing
+                model_note = f"unknown (building the tiny model failed: {type(e).__name__}: {e})"
+    data = _count_data(cfg, family, task, stages)
+    batch = cfg.run.batch_size * cfg.run.grad_accum
+    stage_rows = []
+    for i, stage in enumerate(stages):
+        use = uses[i + 1] if isinstance(uses, list) and cfg.stages and len(uses) > i + 1 else (
+            uses[0] if isinstance(uses, list) and uses else None)
+        files = [str(f) for f in (stage.train or cfg.data.train)]
+        rows = sum(data.get(f, {}).get("good", 0) for f in files)
+        if stage.max_steps:
+            steps, how = stage.max_steps, "max_steps"
+        else:
+            epochs = stage.epochs if stage.epochs is not None else cfg.run.epochs
+            steps, how = max(1, math.ceil(epochs * rows / batch)), f"{epochs} epochs × {rows} rows / {batch}"
+        row = {"name": stage.name, "steps": steps, "steps_from": how, "train": files}
+        if use is not None:
+            row.update(loss=use.method.name, kwargs={**use.method.defaults, **use.kwargs},
+                       needs_reference=bool(use.method.needs_reference))
+            if use.sft_weight:
+                row["sft_weight"] = use.sft_weight
+        stage_rows.append(row)
+    needs_ref = any(r.get("needs_reference") for r in stage_rows)
+    strategy = cfg.reference.strategy
+    if strategy == "auto":
+        strategy = "adapter" if cfg.lora.enabled else "copy"
+    from .train.output_guard import plan_resume
+
+    out = Path(cfg.run.output_dir)
+    try:
+        resume = plan_resume(cfg)
+        output = {"dir": str(out), "exists": out.exists(),
+                  "action": f"resume from {resume}" if resume else "start a new run"}
+    except ConfigError as e:
+        output = {"dir": str(out), "exists": out.exists(), "action": "refused", "why": "; ".join(e.errors)}
+    params = _count_params(task) if task is not None else _params_from_checkpoint(cfg.model.name_or_path)
+    memory = _memory(cfg, params, strategy if needs_ref else "none") if params else model_note
+    return {"modality": cfg.modality, "task": target, "family": getattr(family, "name", None) or "n/a",
+            "model": cfg.model.name_or_path, "lora": cfg.lora.enabled, "stages": stage_rows,
+            "total_steps": sum(r["steps"] for r in stage_rows),
+            "reference": strategy if needs_ref else f"none (no stage's loss needs one; configured: "
+                                                    f"{cfg.reference.strategy})",
+            "batch": {"batch_size": cfg.run.batch_size, "grad_accum": cfg.run.grad_accum}, "data": data,
+            "output": output, "parameters": params or "unknown", "memory": memory}
+
+
+def _count_data(cfg: TrainConfig, family, task, stages) -> dict[str, dict]:
+    """``{file: {"good", "bad", "skipped"?, "split"}}`` for every train, eval and retain file."""
+    from collections import Counter
+
+    from .data.row_files import load_rows
+
+    fam = getattr(family, "name", "")
+    tok = getattr(getattr(task, "family", None), "tokenizer", None)
+    files: dict[str, str] = {}
+    for stage in stages:
+        files.update({str(f): "train" for f in (stage.train or cfg.data.train)})
+    files.update({str(f): "eval" for f in cfg.data.eval if str(f) not in files})
+    if cfg.retain is not None:
+        files.update({str(f): "retain" for f in cfg.retain.train if str(f) not in files})
+    out = {}
+    for f, split in files.items():
+        if cfg.modality == "clip":
+            from dataclasses import replace
+
+            from .data.image_text import ImageTextOptions, load_image_text
+
+            opts = replace(ImageTextOptions.from_config(cfg), skip_bad_rows=True)
+            stats = load_image_text(f, opts)[2]
+        elif fam == "causal_lm" and tok is not None:
+            from .data.text import build_text_dataset
+
+            dc = cfg.data
+            fmt = dc.format if dc.format != "auto" or task.method is None else task.method.data_format
+            stats = build_text_dataset(f, tok, format=fmt, limit=dc.limit, max_length=dc.max_length,
+                                       max_prompt_length=dc.max_prompt_length, truncation=dc.truncation,
+                                       skip_bad_rows=True)[1]
+        else:
+            skipped: Counter = Counter()
+            rows = load_rows(f, limit=cfg.data.limit, skip_bad_rows=True, skipped=skipped)
+            stats = {"rows_used": len(rows), "rows_skipped": sum(skipped.values()),
+                     **{f"skipped/{k}": v for k, v in skipped.items()}}
+        entry = {"split": split, "good": int(stats.get("rows_used", 0)), "bad": int(stats.get("rows_skipped", 0))}
+        reasons = {k.split("/", 1)[1]: v for k, v in stats.items() if k.startswith("skipped/") and v}
+        if reasons:
+            entry["skipped"] = reasons
+        out[f] = entry
+    return out
+
+
+def _count_params(task) -> int | None:
+    model = getattr(task, "model", None)
+    return sum(p.numel() for p in model.parameters()) if model is not None else None
+
+
+def _params_from_checkpoint(path: str) -> int | None:
+    """A causal-LM-shaped estimate from ``config.json`` (embeddings + attention + MLP per layer); None if absent."""
+    import json
+
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        return None
+    try:
+        c = json.loads(cfg_file.read_text())
+        c = c.get("text_config", c) if "hidden_size" not in c else c
+        h, n, v = int(c["hidden_size"]), int(c["num_hidden_layers"]), int(c["vocab_size"])
+        inter = int(c.get("intermediate_size", 4 * h))
+        heads = int(c.get("num_attention_heads", 1))
+        kv = int(c.get("num_key_value_heads", heads))
+        attn = h * h * 2 + 2 * h * (h // heads) * kv
+        embed = v * h * (1 if c.get("tie_word_embeddings", False) else 2)
+        return embed + n * (attn + 3 * h * inter)
+    except (KeyError, ValueError, TypeError, ZeroDivisionError):
+        return None
+
+
+def _memory(cfg: TrainConfig, params: int, strategy: str) -> str:
+    """Weights + (full fine-tuning) grads and AdamW's two fp32 moments + a reference copy; no activations."""
+    w = params * _BYTES.get(cfg.model.dtype, 4)
+    parts = {"weights": w}
+    if not cfg.lora.enabled:
+        parts["grads"], parts["adamw"] = w, params * 8
+    if strategy in ("copy", "sync", "ema"):
+        parts["reference"] = w
+    detail = " + ".join(f"{k} {_size(v)}" for k, v in parts.items())
+    return f"≈{_size(sum(parts.values()))} ({detail}; activations and LoRA adapters not included)"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.3g} {unit}"
+        n /= 1024
+    return f"{n:.3g} GiB"

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from mmalign.cli import app
 
 EXPECTED = {
-    "train": ["config", "--help-config", "--verbose", "-v"],
+    "train": ["config", "--help-config", "--verbose", "-v", "--dry-run"],
     "demo": ["name", "--out"],
     "losses": [],
     "pairs": ["--strong", "--weak", "--prompts", "--out", "--reward", "--on-disagreement", "--curriculum",

@@ -23,6 +23,8 @@ def train(
     config: str = typer.Argument(None, help="YAML config file (configs/...)"),
     help_config: bool = typer.Option(False, "--help-config", help="print every config key and exit"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="check the config and data, print the plan (stages, "
+                                 "steps, data counts, output, memory); train and write nothing"),
 ) -> None:
     """Train with CONFIG; trailing key=value pairs override it (e.g. run.max_steps=10 loss.kwargs.beta=0.05)."""
     from ..config import ConfigError, describe
@@ -36,8 +38,16 @@ def train(
     overrides = list(ctx.args)
     if config and "=" in config and not Path(config).exists():  # only overrides, no file
         overrides, config = [config, *overrides], None
+    from ..api import plan
     from ..api import train as api_train
 
+    if dry_run:
+        try:
+            typer.echo(format_plan(plan(config, overrides)))
+        except (ConfigError, DataError) as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None
+        return
     try:
         summary = api_train(config, overrides)
     except (ConfigError, DataError) as err:
@@ -48,6 +58,27 @@ def train(
 
     if dist.is_available() and dist.is_initialized():  # a launcher waits on un-destroyed groups at exit
         dist.destroy_process_group()
+
+
+def format_plan(p: dict) -> str:
+    """The dry-run plan of :func:`mmalign.api.plan` as a few readable lines."""
+    lines = ["dry run: nothing trained, nothing written",
+             f"modality {p['modality']}, family {p['family']}, task {p['task']}",
+             f"model {p['model']}{' (LoRA)' if p['lora'] else ''}: {p['parameters']} parameters; memory "
+             f"{p['memory']}",
+             f"batch {p['batch']['batch_size']} × grad_accum {p['batch']['grad_accum']}; reference {p['reference']}"]
+    for i, st in enumerate(p["stages"]):
+        loss = f"loss {st['loss']} {json.dumps(st['kwargs'], default=str)}" if "loss" in st else "loss (recipe)"
+        lines.append(f"stage {i} {st['name']}: {st['steps']} steps ({st['steps_from']}), {loss}, "
+                     f"train {', '.join(st['train'])}")
+    for f, d in p["data"].items():
+        why = f" {d['skipped']}" if d.get("skipped") else ""
+        lines.append(f"data {d['split']} {f}: {d['good']} good, {d['bad']} bad rows{why}")
+    out = p["output"]
+    lines.append(f"output {out['dir']} ({'exists' if out['exists'] else 'new'}): {out['action']}"
+                 + (f": {out['why']}" if out.get("why") else ""))
+    lines.append(f"total: {p['total_steps']} optimizer steps")
+    return "\n".join(lines)
 
 
 # Read by mmalign.cli when it registers the command: trailing key=value tokens are overrides, not options.

@@ -54,6 +54,41 @@ def _read_soundfile(path: Path, start: float | None, duration: float | None) -> 
     return data.T, sr
 
 
+# WAVE format codes (RFC 2361 / mmreg.h) that libsndfile or FFmpeg decode; anything else is refused up front.
+_WAV_FORMATS = {0x0001: "PCM", 0x0002: "MS ADPCM", 0x0003: "IEEE float", 0x0006: "A-law", 0x0007: "mu-law",
+                0x0011: "IMA ADPCM", 0x0031: "GSM 6.10", 0x0050: "MPEG", 0x0055: "MP3", 0xFFFE: "extensible"}
+
+
+def _check_wav(path: Path) -> None:
+    """For a RIFF/WAVE file: refuse an unknown format code and a data chunk shorter than its header declares
+    (a truncated copy or download), which decoders would otherwise read as a shorter sound without a word."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return
+        size = path.stat().st_size
+        pos, fmt = 12, None
+        while pos + 8 <= size:
+            f.seek(pos)
+            chunk = f.read(8)
+            cid, length = chunk[:4], int.from_bytes(chunk[4:], "little")
+            if cid == b"fmt " and length >= 2:
+                fmt = int.from_bytes(f.read(2), "little")
+                if fmt not in _WAV_FORMATS:
+                    raise DataError(f"{path}: unsupported WAV format code 0x{fmt:04X} (known: "
+                                    f"{', '.join(f'0x{k:04X} {v}' for k, v in _WAV_FORMATS.items())}); fix: "
+                                    f"{_DECODE_FIX}")
+            elif cid == b"data":
+                have = size - pos - 8
+                # 0 and 0xFFFFFFFF mark a length the writer did not know (streamed WAV); nothing to check.
+                if length not in (0, 0xFFFFFFFF) and have < length:
+                    raise DataError(f"{path}: truncated WAV: the header declares {length} bytes of audio but the "
+                                    f"file holds {have} ({have / length:.0%}); fix: copy or download the file "
+                                    f"again, or {_DECODE_FIX}")
+                return
+            pos += 8 + length + (length & 1)
+
+
 def _read_pyav(path: Path, start: float | None, duration: float | None) -> tuple[np.ndarray, int]:
     import av
 
@@ -68,7 +103,10 @@ def _read_pyav(path: Path, start: float | None, duration: float | None) -> tuple
             raise DataError(f"{path}: the file has no audio stream (streams: {kinds}); fix: point the row at "
                             "a file with sound, or drop the row")
         stream = container.streams.audio[0]
-        sr = int(stream.rate or stream.codec_context.sample_rate)
+        # A stream FFmpeg cannot identify has no ``rate`` attribute and no codec sample rate.
+        sr = int(getattr(stream, "rate", None) or getattr(stream.codec_context, "sample_rate", 0) or 0)
+        if sr <= 0:
+            raise DataError(f"{path}: the audio stream has an unknown codec or no sample rate; fix: {_DECODE_FIX}")
         # Decode from the start and cut by sample count: container seeking lands on packet boundaries, and
         # compressed codecs would make the offset inexact.
         first = 0 if start is None else round(start * sr)
@@ -100,8 +138,9 @@ def read_audio(path: str | Path, *, sample_rate: int | None = None, mono: bool =
 
     ``start``/``duration`` (seconds) cut a window before resampling; ``sample_rate`` resamples with
     ``torchaudio.functional.resample`` (band-limited sinc, its defaults). Raises :class:`DataError` naming the
-    file and the fix for a missing, unreadable or corrupt file, a file with no audio stream, an empty
-    window, or non-finite samples. PyAV decodes compressed tracks as stored: an AAC encoder's priming delay
+    file and the fix for a missing, unreadable or corrupt file, a WAV with an unknown format code or a data
+    chunk shorter than its header declares (truncated), a file with no audio stream, an empty window, or
+    non-finite samples. PyAV decodes compressed tracks as stored: an AAC encoder's priming delay
     (typically 1024 samples) is not trimmed, so ``start`` is relative to the decoded stream.
     """
     path = Path(path)
@@ -117,6 +156,7 @@ def read_audio(path: str | Path, *, sample_rate: int | None = None, mono: bool =
                         "the working directory or the data file's folder), or drop the row")
     import soundfile as sf
 
+    _check_wav(path)
     try:
         data, sr = _read_soundfile(path, start, duration)
     except (sf.SoundFileError, RuntimeError):

@@ -30,7 +30,7 @@ import hashlib
 import json
 import random
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from torch.utils.data import Dataset
 
 from .batches import ImageTextBatch
 from .rows import MAX_REPORTED, SKIP_HINT, DataError, RowProblem, load_rows
+from .zeroshot_names import pair_classnames
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 IMAGE_KEYS = ("image", "image_path", "filepath", "file_name", "img")
@@ -433,15 +434,20 @@ class ZeroShotSet:
     labels: list[int]
     classnames: list[str]
     templates: list[str]
+    folders: list[str] = field(default_factory=list)  # the class folder of each label
+    pairing: str = "folders"  # how names met folders: "folders", "map", "by name" or "sorted order"
 
 
-def load_zeroshot(root: str | Path, *, classnames: Sequence[str] | None = None,
+def load_zeroshot(root: str | Path, *, classnames: Sequence[str] | Mapping[str, str] | None = None,
                   templates: Sequence[str] | None = None, limit_per_class: int | None = None) -> ZeroShotSet:
-    """A folder with one sub-folder of images per class (sorted folder order = label order).
+    """A folder with one sub-folder of images per class; labels follow the sorted folder order.
 
-    Class names: ``classnames``, else ``classnames.txt`` (one per line, in that order), else the folder names with
-    ``_`` → space. Prompt templates (``{}`` = class name): ``templates``, else ``templates.txt``, else
-    ``"a photo of a {}."``.
+    Class names: ``classnames`` (a list or a ``{folder: name}`` map), else ``classnames.txt``, else the folder
+    names with ``_`` → space. ``classnames.txt`` holds one ``folder: name`` line per folder, or one name per
+    line: names that are the folder names (any order, ``_``/``-`` as spaces, any case) are matched by name;
+    other names are paired with the sorted folder order, and refused when that order is ambiguous
+    (:func:`~mmalign.data.zeroshot_names.pair_classnames`). Prompt templates (``{}`` = class name):
+    ``templates``, else ``templates.txt``, else ``"a photo of a {}."``.
     """
     root = Path(root)
     if not root.is_dir():
@@ -449,12 +455,11 @@ def load_zeroshot(root: str | Path, *, classnames: Sequence[str] | None = None,
     dirs = sorted(p for p in root.iterdir() if p.is_dir())
     if not dirs:
         raise DataError(f"{root}: no class sub-folders; fix: put each class's images in root/<class>/")
+    where = f"{root} (classnames argument)"
     if classnames is None and (root / "classnames.txt").is_file():
+        where = str(root / "classnames.txt")
         classnames = [c.strip() for c in (root / "classnames.txt").read_text().splitlines() if c.strip()]
-    names = list(classnames) if classnames is not None else [d.name.replace("_", " ") for d in dirs]
-    if len(names) != len(dirs):
-        raise DataError(f"{root}: {len(names)} class names for {len(dirs)} class folders; fix: one name per folder "
-                        "(classnames.txt lists them in sorted folder order)")
+    names, pairing = pair_classnames(where, [d.name for d in dirs], classnames)
     if templates is None and (root / "templates.txt").is_file():
         templates = [t.strip() for t in (root / "templates.txt").read_text().splitlines() if t.strip()]
     templates = list(templates or DEFAULT_TEMPLATES)
@@ -468,4 +473,4 @@ def load_zeroshot(root: str | Path, *, classnames: Sequence[str] | None = None,
         labels += [label] * len(files)
     if not paths:
         raise DataError(f"{root}: the class folders hold no images ({', '.join(IMAGE_SUFFIXES)})")
-    return ZeroShotSet(str(root), paths, labels, names, templates)
+    return ZeroShotSet(str(root), paths, labels, names, templates, [d.name for d in dirs], pairing)

@@ -8,7 +8,9 @@ Metrics (all on L2-normalised embeddings):
 - ``alignment``: mean ‖x̂_i − ŷ_i‖² over positive pairs; ``uniformity``: log E exp(−2‖·‖²) over all image and text
   embeddings together (Wang & Isola 2020, arXiv 2005.10242; CLIP-Refine's definitions).
 - ``zeroshot/top1`` (and ``top5`` with ≥ 5 classes): class embeddings = normalised mean of the normalised template
-  embeddings (CLIP's prompt ensembling); prediction = argmax cosine.
+  embeddings (CLIP's prompt ensembling); prediction = argmax cosine. Label *i* is the class name paired with
+  folder *i* by :func:`~mmalign.data.image_text.load_zeroshot` (by name or an explicit map, never an implied
+  order that could be ambiguous).
 - ``retrieval``: image→text recall@k is 1 for an image when any of its captions is among the k texts nearest to
   it; text→image recall@k is 1 when the caption's image is among the k nearest images (CLIP-benchmark's "recall",
   i.e. hit@k per query).
@@ -108,6 +110,7 @@ def evaluate_clip(model: nn.Module, tokenizer, transform, *, pairs=None, zerosho
     load_image_text`), ``zeroshot`` = a :class:`~mmalign.data.image_text.ZeroShotSet`. Geometry uses each image's
     first caption; retrieval uses all captions."""
     from ..data.image_text import open_image
+    from ..data.rows import DataError
 
     model = model.to(device).eval()
     out: dict[str, float] = {}
@@ -122,6 +125,10 @@ def evaluate_clip(model: nn.Module, tokenizer, transform, *, pairs=None, zerosho
         out.update(retrieval_metrics(img, txt, owner))
         out["pairs/images"], out["pairs/captions"] = float(len(pairs)), float(len(texts))
     if zeroshot is not None:
+        if zeroshot.labels and not 0 <= min(zeroshot.labels) <= max(zeroshot.labels) < len(zeroshot.classnames):
+            raise DataError(f"{zeroshot.root}: labels run {min(zeroshot.labels)}..{max(zeroshot.labels)} but there "
+                            f"are {len(zeroshot.classnames)} class names; fix: build the set with load_zeroshot, "
+                            "which pairs names with folders by name or an explicit `folder: name` map")
         img = embed_images(model, zeroshot.paths, transform, batch_size=batch_size, device=device)
         classes = zeroshot_classifier(model, tokenizer, zeroshot.classnames, zeroshot.templates, device=device)
         out.update(zeroshot_accuracy(img, torch.tensor(zeroshot.labels), classes))
