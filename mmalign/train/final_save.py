@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import shutil
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..config import ConfigError
 from ..schema import TrainConfig
-from .run_state import Run
+from . import checkpoint as ckpt
+from .run_state import Run, save
+
+log = logging.getLogger(__name__)
 
 
 def gathered_state_dict(accelerator, model: nn.Module | None, *, force: bool = False) -> dict[str, torch.Tensor] | None:
@@ -50,20 +57,136 @@ def check_final_save(accelerator, cfg: TrainConfig) -> None:
                           "deepspeed_zero3.yaml does), or run.save_final=false and export with zero_to_fp32.py")
 
 
+FINAL, FINAL_TMP = "final", "final.tmp"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+class _Incomplete(Exception):
+    """The export wrote files that do not read back (see :func:`verify_export`)."""
+
+
+def verify_export(path: Path) -> list[str]:
+    """What is wrong with an exported model directory: no weight file, an empty weight or JSON file, a
+    safetensors file whose header does not read (or does not match the file's length), a JSON file that does not
+    parse, a shard named by an index that is missing. Empty when it is complete."""
+    from safetensors import safe_open
+
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    problems = [] if any(p.name.endswith(WEIGHT_SUFFIXES) for p in files) else ["no weight file was written"]
+    for p in files:
+        rel = p.relative_to(path)
+        if (p.suffix == ".json" or p.name.endswith(WEIGHT_SUFFIXES)) and p.stat().st_size == 0:
+            problems.append(f"{rel}: empty")
+        elif p.suffix == ".safetensors":
+            try:
+                with safe_open(str(p), "pt") as f:
+                    list(f.keys())
+            except Exception as err:  # SafetensorError: truncated, or a header that does not parse
+                problems.append(f"{rel}: does not read back ({err})")
+        elif p.suffix == ".json":
+            try:
+                index = json.loads(p.read_text())
+            except (ValueError, UnicodeDecodeError) as err:
+                problems.append(f"{rel}: does not parse ({err})")
+                continue
+            shards = index.get("weight_map", {}).values() if isinstance(index, dict) else ()
+            problems += [f"{rel}: names {s}, which is missing" for s in sorted(set(shards))
+                         if isinstance(s, str) and not (p.parent / s).is_file()]
+    return problems
+
+
+def _repoint(tmp: Path, final: Path) -> None:
+    """Paths to ``final.tmp`` that the export recorded in its JSON files (a merged LoRA run's
+    ``adapter_config.json`` names its ``base/`` by absolute path) → the same path under ``final``."""
+    pairs = {json.dumps(str(t))[1:-1]: json.dumps(str(f))[1:-1]
+             for t, f in ((tmp, final), (tmp.resolve(), final.resolve().parent / final.name))}
+    for p in tmp.rglob("*.json"):
+        text = p.read_text()
+        new = text
+        for old, repl in pairs.items():
+            new = new.replace(old, repl)
+        if new != text:
+            p.write_text(new)
+
+
+def _export(run: Run, full_state: dict | None) -> Path:
+    """``save_pretrained`` into ``final.tmp``, verify it, then rename it to ``final`` (replacing a previous one
+    only now, so a failed export leaves it as it was)."""
+    final, tmp = run.out_dir / FINAL, run.out_dir / FINAL_TMP
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        if full_state is None:
+            run.task.save_pretrained(run.task.model, tmp)
+        else:
+            run.task.save_pretrained(run.task.model, tmp, state_dict=full_state)
+        problems = verify_export(tmp)
+        if problems:
+            raise _Incomplete("; ".join(problems))
+        _repoint(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():  # a previous final/ (checked before training: resumed run or run.overwrite=true)
+        shutil.rmtree(final)  # replaced whole, so no file of another layout (full vs adapter) is left
+    os.replace(tmp, final)
+    return final
+
+
+def _keep_final_state(run: Run) -> tuple[Path, bool] | None:
+    """A checkpoint of the final state before the export, so that a kill or a full disk during the export loses
+    no training: ``(path, written_for_the_export)``, None when it could not be written. The checkpoint this run
+    saved (or resumed from) at its last step is reused; else one is written and removed after the export."""
+    step = run.state.global_step
+    if run.saved_at is not None and ckpt.checkpoint_step(run.saved_at) == step and run.saved_at.is_dir():
+        return run.saved_at, bool(ckpt.read_state(run.saved_at).get("pre_export"))
+    if run.stage is None:
+        return None
+    try:
+        return save(run, run.stage, pre_export=True), True
+    except ckpt.SaveError as err:
+        log.warning("could not keep the final state as a checkpoint before the export: %s", err)
+        return None
+
+
+def _failure(run: Run, err: BaseException, kept: tuple[Path, bool] | None) -> ckpt.SaveError:
+    final, step = run.out_dir / FINAL, run.state.global_step
+    cause = str(err) if isinstance(err, _Incomplete) else ckpt.describe_os_error(err)
+    lines = [f"writing the final model to {final} failed: {cause} (the partial {run.out_dir / FINAL_TMP} was "
+             "removed; a previous final/ is left as it was)"]
+    if kept is not None:
+        lines.append(f"the trained state of step {step} is kept in {kept[0]}; fix: free space in (or make writable) "
+                     f"{run.out_dir}, then rerun the same command with run.resume=auto: it resumes at step {step}, "
+                     "trains nothing and writes final/ again")
+    else:
+        older = ckpt.list_checkpoints(run.out_dir)
+        lines.append(f"the final state could not be kept as a checkpoint either, so steps after "
+                     f"{older[-1].name if older else 'the start'} are lost; fix: free space in {run.out_dir} "
+                     "(estimate: twice the model and optimizer size) and rerun")
+    return ckpt.SaveError(lines, source=str(run.out_dir))
+
+
 def save_final(run: Run, *, force_gathered: bool = False) -> None:
-    """Write ``final/`` (``run.save_final``); a collective call: every rank takes part in the gathering, and no
-    process returns (and reads ``final/``) before it is written."""
+    """Write ``final/`` (``run.save_final``) atomically, after keeping the final state as a checkpoint; a
+    collective call: every rank takes part in the gathering, and no process returns (and reads ``final/``)
+    before it is written. A failed write raises :class:`~mmalign.train.checkpoint.SaveError` (on the main
+    process) naming the path, the cause and the checkpoint to resume from."""
     accelerator = run.accelerator
     accelerator.wait_for_everyone()
     if run.cfg.run.save_final:
-        final = run.out_dir / "final"
+        kept = _keep_final_state(run)
         full_state = gathered_state_dict(accelerator, run.model, force=force_gathered)
+        error = None
         if accelerator.is_main_process:
-            if final.exists():  # a previous final/ (checked before training: resumed run or run.overwrite=true)
-                shutil.rmtree(final)  # replaced whole, so no file of another layout (full vs adapter) is left
-            if full_state is None:
-                run.task.save_pretrained(run.task.model, final)
-            else:
-                run.task.save_pretrained(run.task.model, final, state_dict=full_state)
-            run.summary["final_model"] = str(final)
+            try:
+                run.summary["final_model"] = str(_export(run, full_state))
+            except Exception as err:
+                if not (isinstance(err, _Incomplete) or ckpt.is_write_failure(err)):
+                    raise
+                error = err
+        accelerator.wait_for_everyone()
+        if error is not None:
+            raise _failure(run, error, kept) from error
+        if accelerator.is_main_process and kept is not None and kept[1]:
+            shutil.rmtree(kept[0], ignore_errors=True)  # written for the export only; final/ now holds it
     accelerator.wait_for_everyone()

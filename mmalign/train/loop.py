@@ -34,7 +34,7 @@ from . import checkpoint as ckpt
 from .accel import make_accelerator
 from .evaluate import evaluate
 from .final_save import check_final_save, gathered_state_dict, save_final
-from .metrics_log import MetricsLogger
+from .metrics_log import MetricsLogger, truncate_metrics
 from .output_guard import plan_resume
 from .run_state import Resume, Run, RunState, save
 from .run_state import restore as restore_stage
@@ -65,6 +65,8 @@ def fit(task: Task, cfg: TrainConfig, accelerator=None) -> dict:
     accelerator.wait_for_everyone()  # run.overwrite: the previous run's checkpoints are gone on every rank
     check_final_save(accelerator, cfg)
     resume = Resume.read(resume_from, stages) if resume_from else None
+    if resume and accelerator.is_main_process:  # records of steps after the checkpoint are retrained: drop them
+        truncate_metrics(out_dir / "metrics.jsonl", resume.state["global_step"])
     logger = MetricsLogger(out_dir, cfg.run.report_to, enabled=accelerator.is_main_process)
     run = Run(task, cfg, accelerator, logger, make_reference(task, cfg), RunState([s.name for s in stages]))
 
@@ -92,7 +94,7 @@ def _skip_stage(run: Run, stage: StageConfig, n_done: int) -> None:
 def _run_stage(run: Run, idx: int, config: StageConfig, resume: Resume | None) -> None:
     """Set up stage ``idx`` (restored from ``resume`` when it is the checkpoint's stage), train it, evaluate it."""
     stage = setup_stage(run, idx, config, resume.extra if resume else None)
-    run.model = stage.model
+    run.model, run.stage = stage.model, stage
     if resume:
         restore_stage(run, stage, resume)
     progress = _progress(run, stage)

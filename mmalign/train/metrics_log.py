@@ -1,7 +1,8 @@
 """Metrics sinks: an append-only JSONL file, TensorBoard, and wandb when asked.
 
 JSONL is opened in append mode and flushed after every record, so an interrupted run keeps everything it had
-logged, and a resumed run continues the same file.
+logged, and a resumed run continues the same file after :func:`truncate_metrics` dropped the records of the
+steps after its checkpoint (they are trained again, so each step is logged once).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -85,3 +87,28 @@ def read_metrics(path: str | Path) -> list[dict]:
     if p.is_dir():
         p = p / "metrics.jsonl"
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(path: str | Path, step: int) -> int:
+    """Keep the records of ``path`` at or before ``step`` (and drop a last line cut by a kill); returns how many
+    were dropped. The file is rewritten atomically (a temporary file renamed over it)."""
+    p = Path(path)
+    if not p.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in p.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            keep = int(record["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            keep = False  # a record cut by the kill, or not ours
+        if keep:
+            kept.append(line)
+        elif line.strip():
+            dropped += 1
+    if dropped:
+        tmp = p.with_name(p.name + ".tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, p)
+        log.info("%s: dropped %d record(s) after step %d, the step the run resumes from", p, dropped, step)
+    return dropped

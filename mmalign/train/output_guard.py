@@ -12,6 +12,10 @@ config, flattened to dotted keys, without :data:`IGNORED`). :func:`plan_resume` 
 ``run.overwrite=true``          start over; the previous run's checkpoints are removed and ``final/`` replaced
 ==============================  =====================================================================================
 
+"Newest complete checkpoint" is the newest one whose checksums verify (:func:`~mmalign.train.checkpoint.
+verify_checkpoint`; a damaged newer one is skipped with a warning naming the file); ``force`` also takes one whose
+only fault is a missing RNG state, warning that exactness is lost.
+
 A run that starts over (no checkpoint to resume) refuses an output directory whose ``final/`` holds a finished
 run's model unless ``run.overwrite=true``. A checkpoint written before configs were stored resumes with a warning
 (nothing to compare). Stages after the checkpoint's stage may change (a stage appended to a finished run); the
@@ -95,7 +99,7 @@ def plan_resume(cfg: TrainConfig, *, announce: bool = False, clean: bool = False
         if announce and (out / "final").exists():
             _say(f"run.overwrite=true: starting over in {out} ({out / 'final'} will be replaced)", announce)
         return None
-    path = ckpt.find_resume_checkpoint(out, "auto" if r.resume == "force" else r.resume)
+    path = ckpt.find_resume_checkpoint(out, r.resume)
     if path is None:
         final = out / "final"
         if final.is_dir() and any(final.iterdir()):

@@ -105,6 +105,8 @@ class Run:
     state: RunState
     summary: dict = field(default_factory=lambda: {"stages": []})
     model: Any = None  # the prepared (possibly sharded) policy of the current stage
+    stage: Any = None  # the current Stage (the final save checkpoints the state before exporting)
+    saved_at: Path | None = None  # the checkpoint of the current state: the last one saved or resumed from
     t0: float = field(default_factory=time.time)
 
     @property
@@ -112,15 +114,21 @@ class Run:
         return Path(self.cfg.run.output_dir)
 
 
-def save(run: Run, stage: Stage) -> Path:
-    """A checkpoint at the current step: accelerate's state, the run state and the objects beside them."""
+def save(run: Run, stage: Stage, *, pre_export: bool = False) -> Path:
+    """A checkpoint at the current step: accelerate's state, the run state and the objects beside them.
+    ``pre_export``: the one kept while the final model is written (no older checkpoint is pruned for it, and
+    the final save removes it once ``final/`` is complete)."""
     state = run.state
     # the training config the checkpoint was written under, compared when a run resumes (output_guard)
     saved = {**state.to_json(stage), "config": training_config(run.cfg)}
+    if pre_export:
+        saved["pre_export"] = True
     extra = {"scheduler": stage.scheduler.state_dict(), "reference": run.reference.state_dict(),
              "anchor_tables": state.anchors, "task": run.task.state_dict()}
-    return ckpt.save_checkpoint(run.accelerator, run.out_dir, state.global_step, saved,
-                                keep_last=run.cfg.run.keep_last, extra=extra)
+    keep = 1 << 30 if pre_export else run.cfg.run.keep_last
+    run.saved_at = ckpt.save_checkpoint(run.accelerator, run.out_dir, state.global_step, saved, keep_last=keep,
+                                        extra=extra)
+    return run.saved_at
 
 
 def restore(run: Run, stage: Stage, resume: Resume) -> None:
@@ -136,4 +144,5 @@ def restore(run: Run, stage: Stage, resume: Resume) -> None:
     if stage.aux_order is not None and resume.state.get("aux_order"):
         stage.aux_order.load_state_dict(resume.state["aux_order"])
     run.state.load_json(resume.state)
+    run.saved_at = resume.path
     run.logger.log(run.state.global_step, {}, event="resumed", checkpoint=str(resume.path))

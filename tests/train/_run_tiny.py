@@ -4,7 +4,10 @@ Usage: ``python tests/train/_run_tiny.py key=value ...`` (``mmalign.train`` over
 ``python -m torch.distributed.run --nproc_per_node 2 tests/train/_run_tiny.py ...`` for the gloo test.
 
 ``MMALIGN_TEST_STEP_SLEEP=<seconds>`` sleeps after every micro-batch loss, so that a test can SIGKILL the run
-between two checkpoints however fast the machine is. The summary of the run is written as JSON to
+between two checkpoints however fast the machine is; ``MMALIGN_TEST_SAVE_SLEEP=<seconds>`` sleeps after the final
+model's files are written (before they are verified and renamed into ``final/``), and
+``MMALIGN_TEST_CKPT_SLEEP=<seconds>:<step>`` before the checksums of checkpoint ``<step>`` are written, so that a
+test can kill the run during the final save or during a checkpoint write. The summary of the run is written as JSON to
 ``<output_dir>/summary-rank<r>.json``, which also tells the test that the process got to the end.
 """
 
@@ -36,6 +39,31 @@ def _slowed(task, seconds: float):
     return task
 
 
+def _slow_export(task, seconds: float):
+    save = task.save_pretrained
+
+    def slow_save(model, path, state_dict=None):
+        save(model, path, state_dict=state_dict)
+        time.sleep(seconds)
+
+    task.save_pretrained = slow_save
+    return task
+
+
+def _slow_checkpoint(spec: str) -> None:
+    from mmalign.train import checkpoint
+
+    seconds, step = spec.split(":")
+    write = checkpoint.write_manifest
+
+    def slow_write(directory):
+        if directory.name.startswith(f"checkpoint-{int(step):07d}"):
+            time.sleep(float(seconds))
+        write(directory)
+
+    checkpoint.write_manifest = slow_write
+
+
 def main(argv: list[str]) -> dict:
     """Run once; also called in-process by the tests (the thread count is restored afterwards)."""
     import torch
@@ -50,6 +78,10 @@ def main(argv: list[str]) -> dict:
         sleep = float(os.environ.get("MMALIGN_TEST_STEP_SLEEP", "0") or 0)
         if sleep:
             task = _slowed(task, sleep)
+        if os.environ.get("MMALIGN_TEST_SAVE_SLEEP"):
+            task = _slow_export(task, float(os.environ["MMALIGN_TEST_SAVE_SLEEP"]))
+        if os.environ.get("MMALIGN_TEST_CKPT_SLEEP"):
+            _slow_checkpoint(os.environ["MMALIGN_TEST_CKPT_SLEEP"])
         summary = train(cfg, task=task)
     finally:
         torch.set_num_threads(threads)
