@@ -58,6 +58,31 @@ def build_task(cfg: TrainConfig):
     return cls(cfg, train_fn=train) if MODALITIES[cfg.modality].needs_train_fn else cls(cfg)
 
 
+def writable_output_dir(out: Path) -> None:
+    """Create ``out`` and prove it takes a write (a small file written, flushed to disk and removed), so that a path
+    under ``/proc``, under a file, on a read-only or immutable mount, or on a full disk is a clean error naming the
+    path before any model is built — not a traceback from the first checkpoint or the final save."""
+    import os
+
+    probe = out / f".mmalign-write-test-{os.getpid()}"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"run.output_dir={str(out)!r} is a file, not a directory; fix: pick another path, e.g. "
+                          "run.output_dir=outputs/run")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        if out.is_dir():  # a half-written probe must not stay behind
+            probe.unlink(missing_ok=True)
+        reason = e.strerror or type(e).__name__
+        raise ConfigError(f"run.output_dir={str(out)!r} cannot be written ({reason}: {e.filename or out}); fix: pick a "
+                          "directory on a writable disk with free space, e.g. run.output_dir=outputs/run") from None
+
+
 def train(config: str | Path | Mapping | TrainConfig | None = None, overrides: Sequence[str] = (), *,
           task=None, **extra: Any) -> dict:
     """Train from a config; returns the run summary (steps, final metrics, eval metrics, output paths).
@@ -71,7 +96,7 @@ def train(config: str | Path | Mapping | TrainConfig | None = None, overrides: S
 
     plan_resume(cfg)  # a changed config over checkpoints, or a finished final/, is refused before anything is written
     out = Path(cfg.run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    writable_output_dir(out)
     dump_yaml(cfg, out / "config.yaml", header="resolved config of this run (mmalign train reads it back)")
     from .train.loop import fit
 
