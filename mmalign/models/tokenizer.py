@@ -33,7 +33,7 @@ DEFAULT_CHAT_TEMPLATE = (
 
 _BYTE_ALPHABET_SIZE = 256
 # The BPE trainer's cost grows with the square of a pre-token's length, and the byte-level pre-tokenizer keeps a
-# run of letters (or of symbols) as one pre-token: one 1 MB run without spaces took ~17 minutes. Runs longer than
+# run of letters (or of symbols) as one pre-token: three 1 MB strings without spaces took ~17 minutes. Runs longer than
 # this are cut into pieces of this length before training; text without such runs is passed through unchanged, so
 # ordinary corpora train exactly as before.
 _MAX_RUN = 256

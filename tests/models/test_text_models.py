@@ -204,7 +204,7 @@ def load_causal_lm_from_tiny(path) -> ValueHeadModel:
 
 def test_bpe_training_cuts_only_overlong_runs(monkeypatch):
     """Runs of more than 256 non-space characters are cut before BPE training (its cost is quadratic in a
-    pre-token's length: one 1 MB run took ~17 minutes, 0.7 s now); ordinary text is passed through untouched, so a
+    pre-token's length: three 1 MB strings took ~17 minutes; one takes 0.7 s now); ordinary text passes untouched, so a
     corpus without such runs gives exactly the tokenizer it gave before."""
     from mmalign.models.tokenizer import _bounded_runs, train_bpe_tokenizer
 
