@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM=false
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --progress-bar off --disable-pip-version-check -c requirements.lock -e '.[test]'
+	$(PY) -m pip install --progress-bar off --disable-pip-version-check -c requirements.lock -e '.[all,test]'
 	@touch $(STAMP)
 
 setup: $(STAMP)
@@ -48,7 +48,7 @@ clean:
 # re-run the demos and benchmarks, and commit requirements.lock with the figures it changes.
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
-	.lock-venv/bin/python -m pip install --progress-bar off --disable-pip-version-check -c constraints.txt -e '.[test]'
+	.lock-venv/bin/python -m pip install --progress-bar off --disable-pip-version-check -c constraints.txt -e '.[all,test]'
 	{ echo "# Every transitive dependency of mmalign[test], pinned at the versions that installed on $$(date +%F)"; \
 	  echo "# (Python $$(.lock-venv/bin/python -c 'import platform; print(platform.python_version())'), $$(uname -m), the torch trio from constraints.txt). make setup/test/demo and CI install under it."; \
 	  echo "# Regenerate: make lock   (a throwaway venv, constraints.txt only, then pip freeze; review the diff)."; \

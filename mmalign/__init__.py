@@ -4,7 +4,10 @@ One loss engine (`mmalign.losses`, importable with only torch installed), one tr
 modality adapters. This module only carries the version so that `import mmalign.losses` stays light.
 """
 
+from .extras import install_import_hint
+
 __version__ = "0.1.0"
+install_import_hint()  # a missing optional package imported by mmalign names its `pip install 'mmalign[...]'`
 
 
 def __getattr__(name: str):

@@ -31,9 +31,11 @@ def task_target(cfg: TrainConfig) -> str:
     a run that mixes two recipes (each builds its own model) and a run without training data unless its loss's
     row is data-free (Self-NPO samples its own inputs). Unknown names, and rows the family cannot run, are left
     to the task, which reports them with the valid names."""
+    from .extras import require
     from .methods.table import find_method
 
     row = MODALITIES[cfg.modality]
+    require(*row.extras, what=f"modality {cfg.modality!r}")  # before the family imports its packages
     family = getattr(resolve(row.task), "family_cls", None)
     names = sorted({cfg.loss.name} | {(s.loss or {}).get("name") for s in cfg.stages} - {None})
 

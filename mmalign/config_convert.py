@@ -29,6 +29,8 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from .errors import ConfigError
+
 __all__ = ["ConfigError", "from_dict", "to_dict"]
 
 T = TypeVar("T")
@@ -36,21 +38,6 @@ _BAD = object()  # conversion failed; the reason is already in the error list
 _NULL_WORDS = {"null", "none", "~"}
 _TRUE_WORDS = {"true", "yes", "on", "1"}
 _FALSE_WORDS = {"false", "no", "off", "0"}
-
-
-class ConfigError(ValueError):
-    """Every problem found in one config, one line each (``.errors``), with the source when known."""
-
-    def __init__(self, errors: str | Iterable[str], source: str | None = None):
-        self.errors = [errors] if isinstance(errors, str) else list(errors)
-        self.source = source
-        n = len(self.errors)
-        where = f" ({source})" if source else ""
-        head = f"invalid config{where}: {n} error{'' if n == 1 else 's'}"
-        super().__init__("\n".join([head, *(f"  - {e}" for e in self.errors)]))
-
-    def __reduce__(self):  # keep errors/source through pickling (multiprocessing, accelerate launchers)
-        return type(self), (self.errors, self.source)
 
 
 class _CliText(str):

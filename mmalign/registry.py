@@ -9,7 +9,9 @@ One :class:`Modality` row per family says everything the shared layers need to k
   ``section_schema``, the ``"module:Class"`` of its dataclass; the run schema adds one always-present section per
   row that has one;
 - ``commands``: CLI sub-commands, ``"sample text"`` → ``"module:function"`` (a space nests it under a group);
-- ``demos``: ``mmalign demo NAME`` → ``"module:function"`` (``run(out_dir) -> report``).
+- ``demos``: ``mmalign demo NAME`` → ``"module:function"`` (``run(out_dir) -> report``);
+- ``extras``: the ``pip install 'mmalign[...]'`` extras the family needs (:data:`mmalign.extras.EXTRAS`), checked
+  before its task is imported, so a missing one is an error naming the install command.
 
 What derives from it: ``TrainConfig.modality``'s allowed values and help and the sections of the run schema
 (:mod:`mmalign.schema`); :func:`mmalign.api.build_task`; :data:`mmalign.demos.DEMOS`; every ``mmalign``
@@ -45,6 +47,7 @@ class Modality:
     commands: dict[str, str] = field(default_factory=dict)  # "group name" or "name" -> "module:function"
     demos: dict[str, str] = field(default_factory=dict)  # demo name -> "module:function"
     needs_train_fn: bool = False  # the task trains auxiliary runs: build_task passes train_fn=mmalign.api.train
+    extras: tuple[str, ...] = ()  # pip extras the family needs (mmalign.extras.EXTRAS), checked before import
 
     def __post_init__(self):
         if (self.section is None) != (self.section_schema is None):
@@ -54,7 +57,7 @@ class Modality:
 _ROWS = [
     Modality(
         "text", "causal LMs: DPO family, KTO, unlearning, listwise, RM, SFT and the text recipes",
-        "mmalign.methods.text:TextTask",
+        "mmalign.methods.text:TextTask", extras=("text",),
         commands={
             "sample text": "mmalign.cli.text:sample_text",
             "pairs": "mmalign.cli.pairs:pairs",
@@ -71,14 +74,14 @@ _ROWS = [
     ),
     Modality(
         "diffusion", "diffusion / flow-matching denoisers: Diffusion-DPO, -NPO, -KTO, SFT, Plackett-Luce, Self-NPO",
-        "mmalign.methods.diffusion:DiffusionTask",
+        "mmalign.methods.diffusion:DiffusionTask", extras=("diffusion",),
         section="diffusion", section_schema="mmalign.schema_diffusion:DiffusionConfig",
         commands={"sample diffusion": "mmalign.cli.diffusion:sample_diffusion"},
         demos={"diffusion": "mmalign.demos.diffusion:run"},
     ),
     Modality(
         "clip", "dual encoders (open_clip / HF CLIP): CLIP, SigLIP, CLIP-Refine, ZSCL",
-        "mmalign.methods.clip:ClipTask",
+        "mmalign.methods.clip:ClipTask", extras=("clip",),
         section="clip", section_schema="mmalign.schema_clip:ClipConfig",
         commands={"eval clip": "mmalign.cli.clip:eval_clip"},
         demos={"clip": "mmalign.demos.clip:run"},
@@ -86,7 +89,7 @@ _ROWS = [
     Modality(
         "prior", "vision-language LMs (LLaVA, encoder-free PatchLVLM): the preference losses on TRL vision rows, "
         "and PRIOR token-weighted caption training",
-        "mmalign.methods.lvlm:LVLMTask",
+        "mmalign.methods.lvlm:LVLMTask", extras=("vision",),
         section="prior", section_schema="mmalign.schema_clip:PriorConfig",
         demos={"prior": "mmalign.demos.prior:run"},
         needs_train_fn=True,
