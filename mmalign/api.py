@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -85,6 +86,58 @@ def writable_output_dir(out: Path) -> None:
                           "directory on a writable disk with free space, e.g. run.output_dir=outputs/run") from None
 
 
+def _looks_local(value: str) -> bool:
+    """The rule of mmalign.models.text: what exists, is absolute, starts with . or ~, or has two slashes is a
+    path; anything else (``org/name``, ``ViT-B-32``) may be a hub id or a built-in name."""
+    return Path(value).expanduser().exists() or value.startswith((".", "~", "/")) or value.count("/") > 1
+
+
+def check_paths(cfg: TrainConfig) -> None:
+    """The paths a config names that must exist before anything is written or built: ``model.name_or_path`` and
+    ``model.tokenizer`` when they are local paths, ``run.resume`` when it names a checkpoint. Raises one
+    ConfigError with every problem. What is inside a checkpoint (its files, corrupt or non-finite weights) is
+    checked by the loaders (:mod:`mmalign.models.load_checks`) when the model is built."""
+    from .models.load_checks import incomplete_hint
+    from .train import checkpoint as ckpt
+
+    errors = []
+    for key, value in (("model.name_or_path", cfg.model.name_or_path), ("model.tokenizer", cfg.model.tokenizer)):
+        if not value or value in ("tiny", "tiny-hf") or not _looks_local(value):
+            continue
+        path = Path(value).expanduser()
+        if not path.exists():
+            errors.append(f"{key}={value!r} does not exist (working directory: {Path.cwd()}); fix: the path of a "
+                          f"checkpoint directory written by save_pretrained, or {key}=tiny{incomplete_hint(path)}")
+        elif path.is_dir() and not any(path.iterdir()):
+            errors.append(f"{key}={value!r} is an empty directory; fix: download or save the checkpoint into it, or "
+                          f"point {key} at a complete checkpoint{incomplete_hint(path)}")
+    resume = cfg.run.resume
+    if resume not in ("auto", "force", "never") and not (Path(resume).expanduser() / ckpt.STATE_FILE).is_file():
+        what = "is not a complete checkpoint (no trainer_state.json inside)" if Path(resume).is_dir() else \
+            "does not exist"
+        found = [p.name for p in ckpt.list_checkpoints(cfg.run.output_dir)]
+        errors.append(f"run.resume={resume!r} {what}; allowed: auto, force, never or a checkpoint directory "
+                      f"(complete checkpoints in {cfg.run.output_dir}: {found}); fix: name one of them, or "
+                      "run.resume=auto (the newest complete one)")
+    if errors:
+        raise ConfigError(errors)
+
+
+@contextlib.contextmanager
+def model_errors_named(cfg: TrainConfig):
+    """A :class:`~mmalign.config.ModelLoadError` raised while the task builds its model, reported with the
+    config key and value it came from (``model.name_or_path='...'``) when its message names that path."""
+    from .config import ModelLoadError
+
+    try:
+        yield
+    except ModelLoadError as err:
+        value = cfg.model.name_or_path
+        if err.source or value in ("tiny", "tiny-hf") or str(Path(value).expanduser()) not in str(err):
+            raise
+        raise type(err)(err.errors, f"model.name_or_path={value!r}") from err
+
+
 def train(config: str | Path | Mapping | TrainConfig | None = None, overrides: Sequence[str] = (), *,
           task=None, **extra: Any) -> dict:
     """Train from a config; returns the run summary (steps, final metrics, eval metrics, output paths).
@@ -94,6 +147,7 @@ def train(config: str | Path | Mapping | TrainConfig | None = None, overrides: S
     cfg = load_train_config(config, overrides, {k.replace("__", "."): v for k, v in extra.items()})
     if task is None:  # every config problem (recipes, data, loss names and options, family checks) before the
         resolve(task_target(cfg)).validate(cfg)  # output directory is written or a model is built
+        check_paths(cfg)
     from .train.output_guard import plan_resume
 
     plan_resume(cfg)  # a changed config over checkpoints, or a finished final/, is refused before anything is written
@@ -102,10 +156,16 @@ def train(config: str | Path | Mapping | TrainConfig | None = None, overrides: S
     dump_yaml(cfg, out / "config.yaml", header="resolved config of this run (mmalign train reads it back)")
     from .train.loop import fit
 
-    task = task or build_task(cfg)
+    with model_errors_named(cfg):
+        task = task or build_task(cfg)
+    from .train.output_guard import check_free_space
+
+    check_free_space(cfg, getattr(task, "model", None))  # now that the parameter count is known
     # A task built without train_fn (e.g. PriorTask(cfg) by hand) trains its auxiliary runs now (no-op otherwise).
     task.run_prerequisites(train)
-    return fit(task, cfg)
+    from .train.publish import publish
+
+    return publish(cfg, fit(task, cfg))  # final/README.md (model card), and run.push_to_hub
 
 
 # ------------------------------------------------------------------------------------------------ dry run
@@ -133,6 +193,7 @@ def plan(config: str | Path | Mapping | TrainConfig | None = None, overrides: Se
     target = task_target(cfg)
     cls = resolve(target)
     uses = cls.validate(cfg)
+    check_paths(cfg)
     family = getattr(cls, "family_cls", None)
     stages = resolve_stages(cfg)
     task, model_note = None, "unknown"
@@ -144,6 +205,8 @@ def plan(config: str | Path | Mapping | TrainConfig | None = None, overrides: Se
         with tempfile.TemporaryDirectory(prefix="mmalign-dry-run-") as tmp:
             try:
                 task = cls(load_train_config(cfg, [f"run.output_dir={tmp}"]))
+            except ConfigError:  # a bad model.tiny (or LoRA target) is the user's to fix, as in train()
+                raise
             except Exception as e:  # noqa: BLE001 - the estimate is optional; the plan reports why it is missing
                 model_note = f"unknown (building the tiny model failed: {type(e).__name__}: {e})"
     data = _count_data(cfg, family, task, stages)

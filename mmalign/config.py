@@ -25,6 +25,7 @@ import collections.abc
 import copy
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import types
@@ -48,10 +49,37 @@ from .config_convert import (
     to_dict,
 )
 
-__all__ = ["ConfigError", "apply_overrides", "describe", "dump_yaml", "from_dict", "load_config", "read_yaml",
-           "to_dict"]
+__all__ = ["ConfigError", "ModelFileError", "ModelLoadError", "ModelNotADirectory", "ModelNotFound",
+           "ModelRequirementError", "apply_overrides", "describe", "dump_yaml", "from_dict", "load_config",
+           "read_yaml", "to_dict"]
 
 T = TypeVar("T")
+
+
+class ModelLoadError(ConfigError):
+    """A model, checkpoint or LoRA setting the config names cannot be used: a missing or incomplete directory,
+    corrupt or non-finite weights, a hub id without internet, LoRA targets that match nothing, 4-bit loading
+    without bitsandbytes. Each message names the path (or key), the value and the fix. Being a
+    :class:`ConfigError`, it reaches ``mmalign train`` as ``error:`` lines and exit status 2, never a traceback.
+
+    The subclasses below are also the built-in error such a failure used to raise (``FileNotFoundError``,
+    ``OSError``, ``ImportError``, ``RuntimeError``), so code that catches those keeps working."""
+
+
+class ModelNotFound(ModelLoadError, FileNotFoundError):
+    """No such directory, or a directory without the files of a checkpoint."""
+
+
+class ModelNotADirectory(ModelLoadError, NotADirectoryError):
+    """A file where a checkpoint directory was expected."""
+
+
+class ModelFileError(ModelLoadError, OSError):
+    """Unreadable, truncated or corrupt weights, or a hub id that cannot be reached."""
+
+
+class ModelRequirementError(ModelLoadError, ImportError, RuntimeError):
+    """A loading option whose package or device is missing (4/8-bit needs bitsandbytes and CUDA)."""
 
 
 def _set_dotted(root: dict, key: str, value: Any) -> str | None:
@@ -106,25 +134,80 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[s
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML mapping; a missing file or a syntax error raises :class:`ConfigError` naming the file."""
+    """Read a YAML mapping; a missing, binary or non-UTF-8 file, a syntax error or a key given twice in one
+    mapping raises :class:`ConfigError` naming the file (and the lines)."""
     path = pathlib.Path(path)
     if not path.is_file():
         what = "is a directory, not a YAML file" if path.is_dir() else "does not exist"
         raise ConfigError(f"config file '{path}' {what} (working directory: {os.getcwd()})", str(path))
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not a UTF-8 text file (byte 0x{raw[exc.start]:02x} at offset {exc.start})"
+                          "; fix: pass a YAML config (a text file such as configs/text/tiny_dpo.yaml), saved as "
+                          "UTF-8", str(path)) from None
+    loader = None
+    try:
+        loader = yaml.SafeLoader(text)  # reads the whole text: refuses control characters (NUL, ...) here
+        node = loader.get_single_node()
+        if node is not None:
+            repeated = _repeated_keys(node)
+            if repeated:
+                raise ConfigError(repeated, str(path))
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
+        problem = getattr(exc, "problem", None) or str(exc).replace("\n", " ")
         context = getattr(exc, "context", None)
         detail = f"{problem} ({context})" if context else problem
         raise ConfigError(f"{where}: YAML syntax error: {detail}", str(path)) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
     if data is None:  # an empty file (or only comments) means "all defaults"
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {_show(data)}", str(path))
     return data
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _repeated_keys(root: yaml.Node) -> list[str]:
+    """Every key written twice in one mapping, with its dotted path and both lines. PyYAML keeps the later
+    value silently, so a second ``run:`` block would replace the first one without a word. Merge keys
+    (``<<: *base``) may be overridden on purpose and are not compared."""
+    out: list[str] = []
+    seen_nodes: set[int] = set()
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if id(node) in seen_nodes:  # an alias repeats a node; a recursive anchor would loop
+            return
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[tuple[str, str], int] = {}
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE_TAG:
+                    continue
+                line = key_node.start_mark.line + 1
+                name = _join(prefix, key_node.value)
+                slot = (key_node.tag, key_node.value)
+                if slot in first:
+                    out.append(f"line {line}: key {name!r} is given again (first at line {first[slot]}); the later "
+                               "value would silently replace the earlier one; fix: merge the two into one entry")
+                else:
+                    first[slot] = line
+                walk(value_node, name)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, _join(prefix, i))
+
+    walk(root, "")
+    return out
 
 
 def _defaults(cls: type) -> dict[str, Any]:
@@ -175,7 +258,90 @@ def load_config(schema_cls: type[T], source: str | os.PathLike | Mapping[str, An
                     if (p := _set_dotted(data, str(k), _plain(copy.deepcopy(v))))]
         if problems:
             raise ConfigError(problems, label)
-    return from_dict(schema_cls, data, source=label)
+    bad = _non_finite(schema_cls, data, "")
+    try:
+        cfg = from_dict(schema_cls, data, source=label)
+    except ConfigError as err:
+        # A section's own range check may have named the key already, with its range: keep that message.
+        extra = [m for k, m, _ in bad if not any(e.startswith(tuple(f"{k}{c}" for c in "=: ")) for e in err.errors)]
+        if not extra:
+            raise
+        raise ConfigError(err.errors + extra, label) from None
+    except ArithmeticError:  # a section's validate() that cannot take NaN/inf (round(inf)): check without them
+        if not bad:
+            raise
+        try:
+            from_dict(schema_cls, _dropped(data, [at for _, _, at in bad]), source=label)
+            rest = []
+        except ConfigError as err:
+            rest = err.errors
+        raise ConfigError([m for _, m, _ in bad] + rest, label) from None
+    if bad:
+        raise ConfigError([m for _, m, _ in bad], label)
+    return cfg
+
+
+def _floats(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        return float(str(value).strip()) if isinstance(value, str) else None
+    except ValueError:
+        return None
+
+
+def _non_finite(cls: type, data: Any, prefix: str, where: tuple = ()) -> list[tuple[str, str, tuple]]:
+    """``(key, message, data path)`` for every float-typed value of the merged tree that is NaN or ±inf
+    (``optim.lr=inf``, ``run.epochs=nan``, ``.nan`` in YAML): no float of a schema means anything there, and each
+    would otherwise surface as a NaN loss steps later. Checked before conversion so that these join every other
+    error. The data path is what to drop for a conversion without them (a whole command-line value that held
+    one). Free-form mappings (``loss.kwargs``, ``options``, ``model.tiny``) are checked by their readers."""
+    out: list[tuple[str, str, tuple]] = []
+    if not isinstance(data, Mapping):
+        return out
+    hints, fields = _hints(cls), _init_fields(cls)
+    for name, value in data.items():
+        if name not in fields:
+            continue
+        key, tp = _join(prefix, name), hints[name]
+        at = where if where and where[-1] is None else (*where, name)
+        if isinstance(value, _CliText):  # "[0.9, nan]" or "[{name: a, lr: nan}]" from the command line
+            value, at = _parse_text(value), (*at, None)  # None: drop the whole value, not an item of it
+        section, is_list = _section_of(tp)
+        if section is not None:
+            items = enumerate(value) if is_list and isinstance(value, list) else [(None, value)]
+            for i, item in items:
+                inner = at if at[-1] is None or i is None else (*at, i)
+                out += _non_finite(section, item, key if i is None else _join(key, i), inner)
+            continue
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) in (Union, types.UnionType) and len(args) == 1:  # X | None reads as X
+            tp, args = args[0], list(typing.get_args(args[0]))
+        scalar = tp is float
+        listed = typing.get_origin(tp) in (list, tuple) and args[:1] == [float]
+        f = fields[name]
+        example = f" (default: {_json(f.default)})" if f.default is not dataclasses.MISSING else ""
+        if scalar and (x := _floats(value)) is not None and not math.isfinite(x):
+            out.append((key, f"{key}={value} must be a finite number{example}", at))
+        elif listed and isinstance(value, (list, tuple)):
+            out += [(_join(key, i), f"{_join(key, i)}={v} must be a finite number{example}", at)
+                    for i, v in enumerate(value) if (x := _floats(v)) is not None and not math.isfinite(x)]
+    return out
+
+
+def _dropped(data: dict, paths: Iterable[tuple]) -> dict:
+    """A copy of ``data`` without the values at ``paths`` (their schema defaults apply instead)."""
+    out = copy.deepcopy(data)
+    for path in paths:
+        path = tuple(p for p in path if p is not None)
+        node: Any = out
+        for part in path[:-1]:
+            node = node[part] if isinstance(node, (dict, list)) else None
+        if isinstance(node, dict):
+            node.pop(path[-1], None)
+    return out
 
 
 def dump_yaml(cfg: Any, path: str | os.PathLike, *, header: str | None = None) -> pathlib.Path:

@@ -60,6 +60,7 @@ _ROWS = [
         "mmalign.methods.text:TextTask", extras=("text",),
         commands={
             "sample text": "mmalign.cli.text:sample_text",
+            "eval text": "mmalign.cli.eval_gen:eval_text",
             "pairs": "mmalign.cli.pairs:pairs",
             "temple-pairs": "mmalign.cli.pairs:temple_pairs",
         },
@@ -76,7 +77,8 @@ _ROWS = [
         "diffusion", "diffusion / flow-matching denoisers: Diffusion-DPO, -NPO, -KTO, SFT, Plackett-Luce, Self-NPO",
         "mmalign.methods.diffusion:DiffusionTask", extras=("diffusion",),
         section="diffusion", section_schema="mmalign.schema_diffusion:DiffusionConfig",
-        commands={"sample diffusion": "mmalign.cli.diffusion:sample_diffusion"},
+        commands={"sample diffusion": "mmalign.cli.diffusion:sample_diffusion",
+                  "eval diffusion": "mmalign.cli.eval_gen:eval_diffusion"},
         demos={"diffusion": "mmalign.demos.diffusion:run"},
     ),
     Modality(
@@ -94,6 +96,23 @@ _ROWS = [
         demos={"prior": "mmalign.demos.prior:run"},
         needs_train_fn=True,
     ),
+    Modality(
+        "vlm", "vision-language LMs on images and video (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, LLaVA-NeXT-Video): "
+        "the preference losses on TRL / ms-swift / TEMPLE rows", "mmalign.methods.vlm:VLMTask",
+        extras=("vision", "video"), section="vlm", section_schema="mmalign.schema_vlm:VLMConfig",
+        commands={"sample vlm": "mmalign.cli.vlm:sample_vlm"},
+    ),
+    Modality(
+        "av", "audio-visual slow/fast contrastive encoder (SF-CAVP-style, MultiSoundGen): CAVP inter/intra/temporal "
+        "InfoNCE; the AVP-RPO reward", "mmalign.methods.av:AVTask", extras=("vision", "video", "audio"),
+        section="av", section_schema="mmalign.schema_av:AVConfig", commands={"eval av": "mmalign.cli.av:eval_av"},
+    ),
+    Modality(
+        "v2a", "video-to-audio flow-matching generators (MMAudio-style, diffusers audio DiT/VAE/vocoder): flow "
+        "matching (sft), flow DPO, NPO, KTO, Plackett-Luce", "mmalign.methods.v2a:V2ATask",
+        extras=("diffusion", "video", "audio"), section="v2a", section_schema="mmalign.schema_v2a:V2AConfig",
+        commands={"sample v2a": "mmalign.cli.v2a:sample_v2a"},
+    ),
 ]
 MODALITIES: dict[str, Modality] = {row.name: row for row in _ROWS}
 
@@ -102,6 +121,7 @@ COMMANDS: dict[str, str] = {
     "train": "mmalign.cli.core:train",
     "demo": "mmalign.cli.core:demo",
     "losses": "mmalign.cli.core:losses",
+    "merge": "mmalign.cli.merge:merge",
 }
 DEMOS: dict[str, str] = {"losses": "mmalign.demos.loss_showcase:run"}
 

@@ -7,13 +7,57 @@ line ← keyword overrides from Python. Unknown keys and bad values are reported
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from .registry import MODALITIES, resolve
 
 # The values of ``modality:``, one per row of the registry (Literal of a tuple = Literal of its items).
 ModalityName = Literal[tuple(MODALITIES)]
+
+
+MAX_LR = 10.0  # above this every optimizer here diverges at once (lr=1e30 gave a NaN loss at step 2)
+
+
+def in_range(name: str, value: Any, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+             high_open: bool = False, example: str = "", allow_none: bool = False) -> list[str]:
+    """``[message]`` when ``value`` is not a finite number within [low, high] (ends open where asked), else ``[]``.
+
+    The message names the field, the value, the allowed range and an example of a valid setting; a section's
+    ``validate()`` returns it, so the key path is put in front (``optim.lr=inf must be ...``)."""
+    if value is None and allow_none:
+        return []
+    lo = "" if low is None else f"{'(' if low_open else '['}{low:g}"
+    hi = "" if high is None else f"{high:g}{')' if high_open else ']'}"
+    allowed = (f"a finite number in {lo or '(-inf'}, {hi or 'inf)'}" + (" or null" if allow_none else ""))
+    hint = f"; e.g. {name}={example}" if example else ""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return [f"{name}={value!r} must be {allowed}{hint}"]
+    bad_low = low is not None and (value <= low if low_open else value < low)
+    bad_high = high is not None and (value >= high if high_open else value > high)
+    return [f"{name}={value!r} is out of range: must be {allowed}{hint}"] if bad_low or bad_high else []
+
+
+def _tiny_problems(tiny: dict[str, Any]) -> list[str]:
+    """Model-independent checks of ``model.tiny``: sizes, ids and counts are never negative or non-finite (each
+    family's builder checks its own keys and minimums: see mmalign.models)."""
+    errs = []
+    for key, value in tiny.items():
+        items = value if isinstance(value, (list, tuple)) else [value]
+        for v in items:
+            if isinstance(v, bool):
+                continue
+            if isinstance(v, int) and v < 0:
+                errs.append(f"model.tiny.{key}={value!r} holds a negative number; sizes and counts of a tiny model "
+                            f"must be >= 1 (e.g. {abs(v)})")
+                break
+            if isinstance(v, float) and not math.isfinite(v):
+                errs.append(f"model.tiny.{key}={value!r} must be a finite number")
+                break
+    return errs
 
 
 def _h(text: str, default: Any = None, factory: Any = None):
@@ -36,9 +80,17 @@ class ModelConfig:
     tiny: dict[str, Any] = _h("overrides for the tiny model (hidden_size, num_layers, ...)", factory=dict)
 
     def validate(self) -> list[str]:
+        errs = []
         if self.load_in_4bit and self.load_in_8bit:
-            return ["load_in_4bit and load_in_8bit are exclusive: pick one"]
-        return []
+            errs.append("load_in_4bit and load_in_8bit are exclusive: pick one")
+        if self.name_or_path.strip() == "":
+            errs.append("name_or_path='' is empty; allowed: 'tiny' or a checkpoint directory (or hub id)")
+        quant = [k for k in ("load_in_4bit", "load_in_8bit") if getattr(self, k)]
+        if quant and self.name_or_path in ("tiny", "tiny-hf"):
+            errs.append(f"{quant[0]}=true quantises a pretrained checkpoint, but name_or_path={self.name_or_path!r} "
+                        f"builds a random tiny model in float32; fix: {quant[0]}=false, or name_or_path=<checkpoint "
+                        "directory> on a CUDA machine with bitsandbytes")
+        return errs
 
 
 @dataclass
@@ -50,12 +102,18 @@ class LoraConfig:
     target_modules: list[str] | str = _h("module names, or 'all-linear'", "all-linear")
 
     def validate(self) -> list[str]:
-        return [f"r={self.r} must be >= 1"] if self.r < 1 else []
+        errs = [f"r={self.r} must be >= 1 (typical: 8, 16, 64)"] if self.r < 1 else []
+        errs += in_range("alpha", self.alpha, 0, low_open=True, example="16")
+        errs += in_range("dropout", self.dropout, 0, 1, high_open=True, example="0.05")
+        if not self.target_modules:
+            errs.append("target_modules is empty; list module names (e.g. [q_proj, v_proj]) or all-linear")
+        return errs
 
 
 @dataclass
 class DataConfig:
-    train: list[str] = _h("training files: .jsonl/.json/.parquet or a saved HF datasets directory", factory=list)
+    train: list[str] = _h("training files: .jsonl/.json/.parquet, a saved HF datasets directory, or a hub dataset id",
+                          factory=list)
     eval: list[str] = _h("evaluation files (same formats)", factory=list)
     format: Literal["auto", "pairs", "unpaired", "ranked", "sft"] = _h("row format; auto detects from keys", "auto")
     max_length: int = _h("max tokens of prompt + completion", 512)
@@ -67,6 +125,13 @@ class DataConfig:
         "keep_end_of_prompt")
     skip_bad_rows: bool = _h("skip and count malformed rows instead of stopping with an error", False)
     limit: int | None = _h("read at most this many rows per file (debugging)", None)
+    hub_split: str = _h("split of a hub dataset id in train/eval (e.g. data.train=[trl-lib/ultrafeedback_binarized])",
+                        "train")
+    hub_subset: str | None = _h("configuration (subset) name of hub datasets", None)
+    hub_streaming: bool = _h("stream hub datasets instead of downloading them whole (use with data.limit)", False)
+    chat_template: str | None = _h("Jinja chat template for conversational rows, replacing the tokenizer's own: the "
+                                   "template text, or a path to a file holding it; used by training, generation "
+                                   "and saved with the model", None)
 
     def validate(self) -> list[str]:
         errs = []
@@ -74,6 +139,14 @@ class DataConfig:
             errs.append(f"max_length={self.max_length} must be >= 2")
         if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
             errs.append(f"max_prompt_length={self.max_prompt_length} must be < max_length={self.max_length}")
+        if self.chat_template is not None and "{%" not in self.chat_template and "{{" not in self.chat_template \
+                and not Path(self.chat_template).expanduser().is_file():
+            errs.append(f"chat_template={self.chat_template!r} is neither a Jinja template (no '{{%' or '{{{{' "
+                        "tag) nor an existing file; fix: give the template text or the path of a .jinja file")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            errs.append(f"max_prompt_length={self.max_prompt_length} must be >= 1 or null")
+        if self.limit is not None and self.limit < 1:
+            errs.append(f"limit={self.limit} must be >= 1 or null (null: read every row)")
         return errs
 
 
@@ -88,10 +161,8 @@ class ReferenceConfig:
 
     def validate(self) -> list[str]:
         errs = []
-        if not 0.0 <= self.sync_alpha <= 1.0:
-            errs.append(f"sync_alpha={self.sync_alpha} must lie in [0, 1]")
-        if not 0.0 <= self.ema_decay < 1.0:
-            errs.append(f"ema_decay={self.ema_decay} must lie in [0, 1)")
+        errs += in_range("sync_alpha", self.sync_alpha, 0, 1, example="0.6")
+        errs += in_range("ema_decay", self.ema_decay, 0, 1, high_open=True, example="0.99")
         if self.sync_every < 1:
             errs.append(f"sync_every={self.sync_every} must be >= 1")
         return errs
@@ -111,12 +182,17 @@ class OptimConfig:
 
     def validate(self) -> list[str]:
         errs = []
-        if self.lr <= 0:
-            errs.append(f"lr={self.lr} must be > 0")
+        errs += in_range("lr", self.lr, 0, MAX_LR, low_open=True, example="1e-5")
+        errs += in_range("weight_decay", self.weight_decay, 0, example="0.01")
+        errs += in_range("eps", self.eps, 0, 1, low_open=True, example="1e-8")
         if len(self.betas) != 2:
             errs.append(f"betas={self.betas} must have two entries")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            errs.append(f"warmup_ratio={self.warmup_ratio} must lie in [0, 1)")
+        for i, b in enumerate(self.betas):
+            errs += in_range(f"betas.{i}", b, 0, 1, high_open=True, example="0.9")
+        if self.warmup_steps < 0:
+            errs.append(f"warmup_steps={self.warmup_steps} must be >= 0 (0: use warmup_ratio)")
+        errs += in_range("warmup_ratio", self.warmup_ratio, 0, 1, high_open=True, example="0.1")
+        errs += in_range("max_grad_norm", self.max_grad_norm, 0, low_open=True, example="1.0", allow_none=True)
         return errs
 
 
@@ -137,6 +213,10 @@ class LossConfig:
     sft_weight: float = _h("add weight × NLL of the chosen completion (RPO/MPO-style)", 0.0)
     retain_weight: float = _h("unlearning: weight of the retain-set NLL", 1.0)
 
+    def validate(self) -> list[str]:
+        return (in_range("sft_weight", self.sft_weight, 0, example="0.2")
+                + in_range("retain_weight", self.retain_weight, 0, example="1.0"))
+
 
 @dataclass
 class StageConfig:
@@ -152,6 +232,14 @@ class StageConfig:
     merge_lora: bool = _h("at the start of this stage, merge the LoRA adapter into the base and start a new one",
                           False)
 
+    def validate(self) -> list[str]:
+        errs = []
+        if self.max_steps is not None and self.max_steps < 1:
+            errs.append(f"max_steps={self.max_steps} must be >= 1 or null")
+        errs += in_range("epochs", self.epochs, 0, low_open=True, example="1", allow_none=True)
+        errs += in_range("lr", self.lr, 0, MAX_LR, low_open=True, example="1e-5", allow_none=True)
+        return errs
+
 
 @dataclass
 class RunConfig:
@@ -165,6 +253,19 @@ class RunConfig:
     log_every: int = _h("log metrics every N optimizer steps", 1)
     eval_every: int = _h("evaluate every N steps (0: only at the end)", 0)
     eval_batches: int | None = _h("cap the number of eval batches", None)
+    eval_prompts: list[str] | str = _h("generate from these prompts at every evaluation (eval_every, each stage's "
+                                       "end): text → reward / win-rate / KL vs the reference; diffusion → "
+                                       "<output_dir>/validation/step_<n>.png; a string names a .txt (one per line) "
+                                       "or .jsonl ('prompt' / 'caption') file", factory=list)
+    eval_seeds: list[int] = _h("one sample per eval prompt and seed; the same seeds for policy and reference",
+                               factory=lambda: [0])
+    eval_reward: str | None = _h("reward of eval samples: text → warm_colors | addition | 'module:function' | a "
+                                 "reward-model directory; diffusion → shapes | 'module:function'", None)
+    eval_generation: dict[str, Any] = _h("sampling settings of eval_prompts: max_new_tokens (32), temperature (1), "
+                                         "chat (false); diffusion: steps (25), guidance_scale (5), sampler (ddim)",
+                                         factory=dict)
+    merge_lora_at_end: bool = _h("LoRA runs: also write <output_dir>/final_merged, the adapter merged into its "
+                                 "base (full weights that load without peft)", False)
     save_every: int = _h("checkpoint every N steps (0: only the final model)", 0)
     keep_last: int = _h("checkpoints kept on disk", 2)
     resume: str = _h("'auto': the newest complete checkpoint, refused when it was written under a different "
@@ -176,9 +277,20 @@ class RunConfig:
     progress: bool = _h("show a progress bar", True)
     save_final: bool = _h("save_pretrained the final model to <output_dir>/final", True)
     deterministic: bool = _h("torch deterministic algorithms (exact resume on CPU)", False)
+    check_disk_space: bool = _h("refuse to start when output_dir's disk has less free space than the estimated "
+                                "checkpoints + final model (from the parameter count)", True)
+    push_to_hub: str | None = _h("hub repo id (owner/name) the final model and its model card are uploaded to at "
+                                 "the end (token: HF_TOKEN in the environment)", None)
+    hub_private: bool = _h("create the push_to_hub repo as private", True)
 
     def validate(self) -> list[str]:
         errs = []
+        if self.push_to_hub is not None:
+            if not re.fullmatch(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*", self.push_to_hub):
+                errs.append(f"push_to_hub={self.push_to_hub!r} is not a hub repo id; fix: owner/name, e.g. "
+                            "push_to_hub=me/tiny-dpo")
+            if not self.save_final:
+                errs.append("push_to_hub uploads final/, which save_final=false does not write; fix: drop one")
         for name in ("batch_size", "grad_accum", "log_every", "keep_last"):
             if getattr(self, name) < 1:
                 errs.append(f"{name}={getattr(self, name)} must be >= 1")
@@ -189,7 +301,16 @@ class RunConfig:
             errs.append(f"overwrite=true starts over, resume={self.resume!r} resumes a checkpoint: set one of them")
         if self.max_steps is not None and self.max_steps < 1:
             errs.append(f"max_steps={self.max_steps} must be >= 1 or null")
+        errs += in_range("epochs", self.epochs, 0, low_open=True, example="1")
+        for name in ("save_every", "eval_every", "seed"):
+            if getattr(self, name) < 0:
+                errs.append(f"{name}={getattr(self, name)} must be >= 0 (0: {_ZERO[name]})")
+        if self.eval_batches is not None and self.eval_batches < 1:
+            errs.append(f"eval_batches={self.eval_batches} must be >= 1 or null (null: the whole eval set)")
         return errs
+
+
+_ZERO = {"save_every": "only the final model", "eval_every": "evaluate only at the end", "seed": "a valid seed"}
 
 
 def _modality_help() -> str:
@@ -242,6 +363,10 @@ class TrainConfig:
         names = [s.name for s in self.stages]
         if len(names) != len(set(names)):
             errs.append(f"stage names must be unique; got {names}")
+        row = MODALITIES[self.modality]
+        check = getattr(getattr(self, row.section), "tiny_problems", None) if row.section else None
+        if self.model.name_or_path == "tiny":  # the family's own model.tiny rules, else the generic ones
+            errs += check(self.model.tiny) if check is not None else _tiny_problems(self.model.tiny)
         return errs
 
 

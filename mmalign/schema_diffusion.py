@@ -29,6 +29,15 @@ def _h(text: str, default: Any = None, factory: Any = None):
     return field(default=default, metadata={"help": text})
 
 
+# model.tiny keys of a tiny diffusion model: (minimum, what is allowed); mmalign.adapters.diffusion_build.TINY_KEYS
+# lists the same names (a test keeps them equal).
+TINY_SIZES = {"channels": (2, "a list of two integers >= 2 (UNet/VAE block widths), e.g. [16, 32]"),
+              "text_hidden": (2, "an even integer >= 2 (CLIP text width), e.g. 32"),
+              "latent_channels": (1, "an integer >= 1, e.g. 4"),
+              "text_max_length": (3, "an integer >= 3 (BOS, one token, EOS), e.g. 16"),
+              "t5_length": (1, "an integer >= 1, e.g. 8")}
+
+
 @dataclass
 class DiffusionConfig:
     """Diffusion / flow-matching preference training (Diffusion-DPO, Diffusion-NPO, SFT, KTO, Plackett–Luce)."""
@@ -83,6 +92,31 @@ class DiffusionConfig:
     cache_text_embeddings: bool = _h("encode every caption once and reuse the cached embeddings", False)
     cache_dir: str | None = _h("where cached latents/embeddings live (default: <output_dir>/diffusion_cache)", None)
     cache_batch_size: int = _h("images/captions per forward when filling the caches", 8)
+
+    @staticmethod
+    def tiny_problems(tiny: dict[str, Any]) -> list[str]:
+        """``model.tiny`` of a tiny diffusion model (read by :func:`mmalign.models.diffusion_tiny.
+        build_tiny_components`): known keys, sizes >= 1, widths the UNet's and the VAE's group norms divide
+        (groups: min(4, min(channels)) and min(channels)) and the two attention heads split evenly."""
+        errs = [f"model.tiny.{k}: unknown key for a tiny diffusion model; allowed: {sorted(TINY_SIZES)}"
+                for k in tiny if k not in TINY_SIZES]
+        for key, (low, what) in TINY_SIZES.items():
+            if key not in tiny:
+                continue
+            value = tiny[key]
+            items = value if key == "channels" and isinstance(value, (list, tuple)) else [value]
+            if (key == "channels" and len(items) != 2) or any(
+                    isinstance(v, bool) or not isinstance(v, int) or v < low for v in items):
+                errs.append(f"model.tiny.{key}={value!r}: must be {what}")
+        chans = tiny.get("channels")
+        if not errs and chans is not None:
+            groups = {min(4, min(chans)), min(chans)}
+            if any(c % g for c in chans for g in groups):
+                errs.append(f"model.tiny.channels={list(chans)}: each width must be divisible by the smallest one "
+                            "and by min(4, smallest) (group norms), e.g. [16, 32]")
+        if not errs and tiny.get("text_hidden", 16) % 2:
+            errs.append(f"model.tiny.text_hidden={tiny['text_hidden']}: must be even (2 attention heads), e.g. 32")
+        return errs
 
     def validate(self) -> list[str]:
         errs = []

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1] / "mmalign"
 LAYERS = {
     "losses": 0,
     "types": 1, "hashing": 1, "config": 1, "config_convert": 1, "schema": 1, "schema_clip": 1,
-    "schema_diffusion": 1, "registry": 1, "errors": 1, "extras": 1,
+    "schema_diffusion": 1, "registry": 1, "errors": 1, "extras": 1, "schema_av": 1, "schema_vlm": 1, "schema_v2a": 1,
     "data": 2,
     "models": 3, "adapters": 3, "sample": 3, "eval": 3,
     "methods": 4,

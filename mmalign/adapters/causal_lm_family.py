@@ -29,6 +29,7 @@ from torch import nn
 from ..config import ConfigError, from_dict
 from ..data.batches import TextBatch
 from ..models import sub_state_dict
+from ..models.chat import set_chat_template
 from ..types import Scores, StageData
 from .causal_lm import score_batch, token_kl_from_states, unwrap_causal_lm
 from .family import ModelFamily
@@ -52,11 +53,12 @@ def build_tokenizer(cfg):
     if cfg.model.name_or_path != "tiny" or cfg.model.tokenizer:
         return load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
                               trust_remote_code=cfg.model.trust_remote_code)
+    from ..data.row_files import HubOptions
     from ..data.rows import load_rows
     from ..data.synthetic import corpus
     from ..models.tokenizer import train_bpe_tokenizer
 
-    rows = [r for _, _, r in load_rows(_all_sources(cfg), skip_bad_rows=True)]
+    rows = [r for _, _, r in load_rows(_all_sources(cfg), skip_bad_rows=True, hub=HubOptions.of(cfg.data))]
     tok = train_bpe_tokenizer(corpus(rows), vocab_size=int(cfg.model.tiny.get("vocab_size", 512)))
     tok.padding_side = "left"
     return tok
@@ -125,7 +127,8 @@ class CausalLMFamily(ModelFamily):
     def __init__(self, cfg, methods, *, tokenizer=None, model: nn.Module | None = None):
         self.cfg = cfg
         self.merged = False  # a LoRA adapter was merged into the in-memory base (stage.merge_lora)
-        self.tokenizer = tokenizer or build_tokenizer(cfg)
+        # data.chat_template lives on the tokenizer: encoding, generation and the saved final/ all use it
+        self.tokenizer = set_chat_template(tokenizer or build_tokenizer(cfg), cfg.data.chat_template)
         self.model = model or build_model(cfg, self.tokenizer, value_head=any(m.value_head for m in methods))
         self.token_options = (from_dict(TokenOptions, dict(cfg.options or {}), source="options")
                               if any(m.token_kl for m in methods) else TokenOptions())
@@ -183,11 +186,12 @@ class CausalLMFamily(ModelFamily):
 
     # -- data ---------------------------------------------------------------------------------------------------
     def _dataset(self, sources, dc, *, fmt: str):
+        from ..data.row_files import HubOptions
         from ..data.text import build_text_dataset
 
         return build_text_dataset(sources, self.tokenizer, format=fmt, limit=dc.limit,
                                   max_length=dc.max_length, max_prompt_length=dc.max_prompt_length,
-                                  truncation=dc.truncation, skip_bad_rows=dc.skip_bad_rows)
+                                  truncation=dc.truncation, skip_bad_rows=dc.skip_bad_rows, hub=HubOptions.of(dc))
 
     def stage_data(self, stage, method) -> StageData:
         dc = self.cfg.data

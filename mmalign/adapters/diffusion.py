@@ -30,7 +30,34 @@ from ..data.batches import ImageBatch
 from ..data.noise import NoiseSampler, example_seed
 from ..types import Scores
 
-__all__ = ["DiffusionAdapter", "ImageBatch", "NoiseSampler", "example_seed"]
+__all__ = ["DiffusionAdapter", "ImageBatch", "NoiseSampler", "candidate_errors", "example_seed",
+           "flow_noisy_and_target", "per_sample_mse"]
+
+
+def flow_noisy_and_target(x0: Tensor, noise: Tensor, sigmas: Tensor) -> tuple[Tensor, Tensor]:
+    """Flow matching in diffusers' convention (SD3, research/diffusion.md §5): ``x_t = (1−σ)·x0 + σ·noise`` and the
+    velocity target ``noise − x0``, for ``[N, ...]`` samples with per-row ``σ [N]``. MMAudio's convention (t = 1−σ,
+    target ``x0 − noise``) is its negation; the squared error is the same."""
+    s = sigmas.to(x0).view(-1, *([1] * (x0.dim() - 1)))
+    return (1.0 - s) * x0 + s * noise, noise - x0
+
+
+def candidate_errors(x0: Tensor, candidate_mask: Tensor | None, errors_of) -> Tensor:
+    """Per-candidate errors ``[B, K]`` (0 on padding candidates) of ``x0 [B, K, ...]``: only the valid candidates go
+    through the network. ``errors_of(rows, cols)`` returns the flat per-sample errors ``[N]`` of candidates
+    ``x0[rows, cols]`` (rows index the example, so its shared noise and timestep are ``extras[...][rows]``)."""
+    b, k = x0.shape[:2]
+    valid = (torch.ones(b, k, dtype=torch.bool, device=x0.device) if candidate_mask is None
+             else candidate_mask.bool().to(x0.device))
+    rows, cols = valid.nonzero(as_tuple=True)
+    err_flat = errors_of(rows, cols)
+    err = torch.zeros(b, k, dtype=err_flat.dtype, device=err_flat.device)
+    return err.index_put((rows, cols), err_flat)
+
+
+def per_sample_mse(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean over every dimension but the first, in fp32 (Diffusion-DPO's reduction, research/diffusion.md §1.1)."""
+    return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
 
 
 def make_noise_sampler(components, resolution: int, **kwargs) -> NoiseSampler:
@@ -120,8 +147,7 @@ class DiffusionAdapter:
         """``(x_t, target)`` for flat ``[N, C, h, w]`` latents with per-row noise/timesteps/σ."""
         pt = self.c.prediction_type
         if pt == "flow":
-            s = sigmas.to(x0).view(-1, *([1] * (x0.dim() - 1)))
-            return (1.0 - s) * x0 + s * noise, noise - x0
+            return flow_noisy_and_target(x0, noise, sigmas)
         sched = self.c.scheduler
         x_t = sched.add_noise(x0, noise, timesteps)
         if pt == "epsilon":
@@ -156,28 +182,25 @@ class DiffusionAdapter:
         """``Scores(logps=−err [B, K])``; ``extras["err"]`` the raw errors (0 on padding candidates),
         ``extras["timesteps"]`` the shared timesteps ``[B]``."""
         x0 = self.latents(batch)  # [B, K, C, h, w]
-        b, k = x0.shape[:2]
-        mask = batch.candidate_mask
-        valid = torch.ones(b, k, dtype=torch.bool, device=x0.device) if mask is None else mask.bool().to(x0.device)
-        rows, cols = valid.nonzero(as_tuple=True)  # only real candidates go through the network
-        noise = batch.extras["noise"].to(x0)[rows]
-        timesteps = batch.extras["timesteps"].to(x0.device)[rows]
-        sigmas = batch.extras["sigmas"].to(x0.device)[rows] if "sigmas" in batch.extras else None
-        x_t, target = self.noisy_and_target(x0[rows, cols], noise, timesteps, sigmas)
-        embeds = batch.prompt_embeds.to(x0.device)[rows]
-        pooled = None if batch.pooled_prompt_embeds is None else batch.pooled_prompt_embeds.to(x0.device)[rows]
-        time_ids = None
-        if self.c.kind == "sdxl":
-            time_ids = batch.extras["time_ids"].to(x0.device)[rows, cols]
-            if self.fixed_time_ids:  # Salesforce SDXL: (res, res, 0, 0, res, res) whatever the source image
-                res = float(self.resolution or time_ids[0, 4])
-                time_ids = torch.tensor([res, res, 0.0, 0.0, res, res], device=x0.device).expand_as(time_ids)
-        pred = self.predict(model, x_t, timesteps, embeds, pooled, time_ids)
-        err_flat = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
-        if self.snr_gamma is not None:
-            err_flat = err_flat * self._snr_weights(timesteps)
-        err = torch.zeros(b, k, dtype=err_flat.dtype, device=err_flat.device)
-        err = err.index_put((rows, cols), err_flat)
+
+        def errors_of(rows: Tensor, cols: Tensor) -> Tensor:
+            noise = batch.extras["noise"].to(x0)[rows]
+            timesteps = batch.extras["timesteps"].to(x0.device)[rows]
+            sigmas = batch.extras["sigmas"].to(x0.device)[rows] if "sigmas" in batch.extras else None
+            x_t, target = self.noisy_and_target(x0[rows, cols], noise, timesteps, sigmas)
+            embeds = batch.prompt_embeds.to(x0.device)[rows]
+            pooled = None if batch.pooled_prompt_embeds is None else batch.pooled_prompt_embeds.to(x0.device)[rows]
+            time_ids = None
+            if self.c.kind == "sdxl":
+                time_ids = batch.extras["time_ids"].to(x0.device)[rows, cols]
+                if self.fixed_time_ids:  # Salesforce SDXL: (res, res, 0, 0, res, res) whatever the source image
+                    res = float(self.resolution or time_ids[0, 4])
+                    time_ids = torch.tensor([res, res, 0.0, 0.0, res, res], device=x0.device).expand_as(time_ids)
+            pred = self.predict(model, x_t, timesteps, embeds, pooled, time_ids)
+            err_flat = per_sample_mse(pred, target)
+            return err_flat * self._snr_weights(timesteps) if self.snr_gamma is not None else err_flat
+
+        err = candidate_errors(x0, batch.candidate_mask, errors_of)
         return Scores(logps=-err, extras={"err": err, "timesteps": batch.extras["timesteps"].float()})
 
     __call__ = score

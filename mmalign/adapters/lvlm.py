@@ -174,23 +174,40 @@ def _candidate_states(parts: LVLMParts, batch: VisionTextBatch, rows: Tensor, ex
     embeds = _prompt_embeds(parts, prompt_ids, feats)
     prompt_pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     comp_pos = prompt_mask.sum(-1)[ex_idx, None] + torch.arange(width, device=comp_ids.device)
-    if share_prompt and not _cache_disabled(parts):
-        out = parts.decoder(inputs_embeds=embeds, attention_mask=prompt_mask, position_ids=prompt_pos,
-                            use_cache=True)
+    states = shared_prompt_states(parts.decoder, parts.embed, embeds, prompt_mask, prompt_pos, comp_ids, comp_mask,
+                                  comp_pos, ex_idx, share_prompt and not _cache_disabled(parts))
+    return states, comp_ids, comp_mask
+
+
+def shared_prompt_states(decoder: nn.Module, embed: nn.Module, prompt_embeds: Tensor, prompt_mask: Tensor,
+                         prompt_pos: Tensor, comp_ids: Tensor, comp_mask: Tensor, comp_pos: Tensor, ex_idx: Tensor,
+                         share_prompt: bool) -> Tensor:
+    """Final hidden states ``[N, C'+1, H]`` of N candidates (``states[:, j]`` predicts completion token j) after
+    their example's prompt, given as embeddings (media features already in place), used by the LVLM and the VLM
+    families.
+
+    ``prompt_embeds`` ``[B, P, H]`` / ``prompt_mask`` ``[B, P]`` (left-padded); ``prompt_pos`` ``[..., B, P]`` and
+    ``comp_pos`` ``[..., N, C']`` position ids (``[3, ...]`` for M-RoPE); ``ex_idx`` ``[N]`` each candidate's
+    example. ``share_prompt``: the decoder runs the prompts once with ``use_cache=True`` and the completions on the
+    KV cache gathered to one row per candidate (the gather keeps the graph); otherwise, or when the decoder gives
+    no cache, ``[prompt; completion]`` is run per candidate."""
+    if share_prompt:
+        out = decoder(inputs_embeds=prompt_embeds, attention_mask=prompt_mask, position_ids=prompt_pos,
+                      use_cache=True)
         cache = out.get("cache") if "cache" in out else getattr(out, "past_key_values", None)
         if cache is not None and hasattr(cache, "batch_select_indices") and cache.get_seq_length() > 0:
             prompt_last = out.last_hidden_state[:, -1]
-            if ex_idx.shape[0] != prompt_ids.shape[0] or not torch.equal(ex_idx, torch.arange(
-                    prompt_ids.shape[0], device=ex_idx.device)):
+            if ex_idx.shape[0] != prompt_embeds.shape[0] or not torch.equal(ex_idx, torch.arange(
+                    prompt_embeds.shape[0], device=ex_idx.device)):
                 cache.batch_select_indices(ex_idx)  # one cache row per candidate; the gather keeps the graph
-            out = parts.decoder(input_ids=comp_ids, attention_mask=torch.cat([prompt_mask[ex_idx], comp_mask], 1),
-                                position_ids=comp_pos, use_cache=True, **{_cache_kwarg(parts.decoder): cache})
-            return torch.cat([prompt_last[ex_idx, None], out.last_hidden_state], 1), comp_ids, comp_mask
-    P = prompt_ids.shape[1]
-    out = parts.decoder(inputs_embeds=torch.cat([embeds[ex_idx], parts.embed(comp_ids)], 1),
-                        attention_mask=torch.cat([prompt_mask[ex_idx], comp_mask], 1),
-                        position_ids=torch.cat([prompt_pos[ex_idx], comp_pos], 1), use_cache=False)
-    return out.last_hidden_state[:, P - 1:], comp_ids, comp_mask
+            out = decoder(input_ids=comp_ids, attention_mask=torch.cat([prompt_mask[ex_idx], comp_mask], 1),
+                          position_ids=comp_pos, use_cache=True, **{_cache_kwarg(decoder): cache})
+            return torch.cat([prompt_last[ex_idx, None], out.last_hidden_state], 1)
+    P = prompt_embeds.shape[1]
+    out = decoder(inputs_embeds=torch.cat([prompt_embeds[ex_idx], embed(comp_ids)], 1),
+                  attention_mask=torch.cat([prompt_mask[ex_idx], comp_mask], 1),
+                  position_ids=torch.cat([prompt_pos.index_select(-2, ex_idx), comp_pos], -1), use_cache=False)
+    return out.last_hidden_state[:, P - 1:]
 
 
 def _cache_kwarg(decoder: nn.Module) -> str:

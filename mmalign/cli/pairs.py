@@ -47,6 +47,8 @@ def pairs(
     temperature: float = 1.0,
     seed: int = 0,
     chat: bool = typer.Option(False, help="wrap prompts in the tokenizer's chat template"),
+    chat_template: str = typer.Option(None, help="with --chat: a Jinja chat template (text or file) replacing "
+                                                 "the models' own"),
 ) -> None:
     """Pair each prompt's strong and weak responses (strong = chosen), with a difficulty per pair."""
     from ..data.pairs import curriculum_stages, write_jsonl
@@ -57,7 +59,8 @@ def pairs(
         prompt_list = _read_prompts(prompts)
         rows, stats, _ = auto_pairs({"strong": strong, "weak": weak}, {"strong": 1, "weak": 0}, prompt_list,
                                     reward=reward, on_disagreement=on_disagreement, seed=seed,
-                                    max_new_tokens=max_new_tokens, temperature=temperature, chat=chat)
+                                    max_new_tokens=max_new_tokens, temperature=temperature, chat=chat,
+                                    chat_template=chat_template)
         if not rows:
             raise ValueError(f"no pairs: every one of {len(prompt_list)} prompts gave a tie ({stats}); sample with "
                              "a higher temperature or use models that differ more")

@@ -18,9 +18,13 @@ def sample_text(
     temperature: float = 1.0,
     seed: int = 0,
     chat: bool = typer.Option(False, help="wrap prompts in the tokenizer's chat template"),
+    chat_template: str = typer.Option(None, help="with --chat: a Jinja chat template (text or file) replacing "
+                                                 "the checkpoints' own"),
     out: str = typer.Option(None, help="write the samples to this jsonl file"),
 ) -> None:
     """Generate completions with the same prompts and seed for MODEL and (optionally) REFERENCE."""
+    from ..errors import ConfigError
+    from ..models.chat import set_chat_template
     from ..models.text import load_causal_lm, load_tokenizer
     from ..sample.text import generate
 
@@ -30,11 +34,16 @@ def sample_text(
     if not prompts:
         typer.echo("error: give --prompt or --prompts-file", err=True)
         raise typer.Exit(2)
-    tok = load_tokenizer(model)
+    try:
+        tok = set_chat_template(load_tokenizer(model), chat_template, where="--chat-template")
+    except ConfigError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
     columns = {"model": generate(load_causal_lm(model), tok, prompts, max_new_tokens=max_new_tokens,
                                  temperature=temperature, seed=seed, chat=chat).completions}
     if reference:
-        columns["reference"] = generate(load_causal_lm(reference), load_tokenizer(reference), prompts,
+        ref_tok = set_chat_template(load_tokenizer(reference), chat_template, where="--chat-template")
+        columns["reference"] = generate(load_causal_lm(reference), ref_tok, prompts,
                                         max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                                         chat=chat).completions
     rows = [{"prompt": p, **{k: v[i] for k, v in columns.items()}} for i, p in enumerate(prompts)]

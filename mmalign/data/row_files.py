@@ -4,6 +4,9 @@
 local HF ``datasets`` directory (``save_to_disk`` of a ``Dataset`` or ``DatasetDict``), a directory of such
 files, or a list of any of these, and returns each row as ``(file, row_number, dict)`` (1-based; ``.jsonl``:
 line numbers). :func:`load_hf_split` opens one split of a saved dataset (also used by the image sources).
+A source that is not a local path but reads as a hub dataset id (``trl-lib/ultrafeedback_binarized``) goes to
+``datasets.load_dataset`` with :class:`HubOptions` (split, subset, streaming); offline or unknown, the error says
+the hub could not be reached or has no such dataset — not "no such file".
 
 :class:`DataError` and :class:`RowProblem` live here, not in ``rows``, to keep the imports acyclic: ``rows``
 imports this module (its parser raises these errors, and it re-exports the public names here so that
@@ -28,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 MAX_REPORTED = 10
+# owner/name or name (letters, digits, - _ .), optionally a revision after '@': what the hub accepts as a repo id
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
 SKIP_HINT = ("or set data.skip_bad_rows=true (skip_bad_rows=True in Python) to skip bad rows and count them in "
              "the logs")
 _DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -85,9 +90,31 @@ class DataError(ValueError):
 # Loading
 
 
+@dataclass(frozen=True)
+class HubOptions:
+    """How a hub dataset id is read (``data.hub_split``, ``data.hub_subset``, ``data.hub_streaming``)."""
+
+    split: str = "train"
+    subset: str | None = None  # the dataset's configuration name (``load_dataset(name, subset)``)
+    streaming: bool = False  # iterate without downloading the whole set (with ``limit``, reads only that many)
+
+    @classmethod
+    def of(cls, data_config) -> HubOptions:
+        """From a run's ``data:`` section (``hub_split``, ``hub_subset``, ``hub_streaming``)."""
+        return cls(data_config.hub_split, data_config.hub_subset, data_config.hub_streaming)
+
+
+def looks_like_hub_id(source: str | Path) -> bool:
+    """Not a local path, and shaped like a hub repo id (``owner/name`` or ``name``) without a data-file suffix."""
+    text = str(source)
+    return (not Path(text).exists() and bool(_HUB_ID.match(text))
+            and not text.lower().endswith((*_DATA_SUFFIXES, ".ndjson")))
+
+
 def load_rows(source: str | Path | Sequence[str | Path], *, split: str = "train", limit: int | None = None,
-              skip_bad_rows: bool = False, skipped: Counter | None = None) -> list[tuple[str, int, dict]]:
-    """Read rows from files or HF dataset directories, each as ``(file, row_number, dict)``.
+              skip_bad_rows: bool = False, skipped: Counter | None = None,
+              hub: HubOptions | None = None) -> list[tuple[str, int, dict]]:
+    """Read rows from files, HF dataset directories or hub dataset ids, each as ``(file, row_number, dict)``.
 
     Args:
         source: a path or a list of paths: ``.jsonl`` (``.ndjson``), ``.json`` (a list of objects or
@@ -96,6 +123,7 @@ def load_rows(source: str | Path | Sequence[str | Path], *, split: str = "train"
         limit: stop after this many rows in total.
         skip_bad_rows: skip unparsable ``.jsonl`` lines and non-object rows, counting them in ``skipped``
             (``invalid_json`` / ``not_an_object``). A missing or unreadable file always raises.
+        hub: how a hub dataset id among the sources is read (default: split ``split``, no subset).
 
     Raises:
         DataError: naming the file (and line) and the fix.
@@ -106,6 +134,12 @@ def load_rows(source: str | Path | Sequence[str | Path], *, split: str = "train"
     skipped = Counter() if skipped is None else skipped
     out: list[tuple[str, int, dict]] = []
     for src in sources:
+        if looks_like_hub_id(src):
+            left = None if limit is None else limit - len(out)
+            out.extend(_read_hub(str(src), hub or HubOptions(split=split), left))
+            if limit is not None and len(out) >= limit:
+                return out
+            continue
         for path in _expand(Path(src)):
             left = None if limit is None else limit - len(out)
             out.extend(_read_one(path, split, skip_bad_rows, skipped, left))
@@ -301,3 +335,29 @@ def _read_hf_dir(path: Path, split: str, limit: int | None) -> list:
     # Arrow holds valid UTF-8 and bounded nesting, and has no duplicate keys: nothing for row_problem to find.
     return [(str(path), i + 1, row) for i, row in enumerate(load_hf_split(path, split, limit))]
 
+
+def _read_hub(name: str, opts: HubOptions, limit: int | None) -> list:
+    """Rows of a hub dataset (``datasets.load_dataset``), named ``hub:<id>`` in messages; a clear error when the
+    hub cannot be reached (offline) or has no such dataset, split or subset."""
+    import datasets  # heavy; imported only when a hub dataset is read
+
+    where = f"hub:{name}" + (f" ({opts.subset})" if opts.subset else "") + f" split {opts.split!r}"
+    try:
+        ds = datasets.load_dataset(name, opts.subset, split=opts.split, streaming=opts.streaming)
+    except (ConnectionError, OSError) as e:  # OfflineModeIsEnabled, DNS, proxy: ConnectionError is an OSError
+        offline = "offline mode is on (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE)" if "Offline" in str(e) else str(e)
+        raise DataError(f"{name}: not a local file or directory, and the Hugging Face hub could not be reached "
+                        f"to load it as a dataset: {offline}; fix: fix the path if it is a file, or download the "
+                        "dataset where the hub is reachable (datasets.load_dataset(...).save_to_disk(DIR)) and "
+                        "pass DIR") from None
+    except ValueError as e:  # unknown split / config name
+        raise DataError(f"{where}: {e}; fix: set data.hub_split / data.hub_subset to one the dataset has") from None
+    except Exception as e:  # DatasetNotFoundError and friends
+        raise DataError(f"{name}: not a local path, and loading it from the hub failed ({type(e).__name__}: "
+                        f"{e}); fix: check the dataset id and data.hub_subset / data.hub_split") from None
+    out = []
+    for i, row in enumerate(ds, start=1):
+        if limit is not None and len(out) >= limit:
+            break
+        out.append((f"hub:{name}", i, dict(row)))
+    return out

@@ -54,6 +54,7 @@ from mmalign.data.rows import (
 )
 
 from .batches import TextBatch
+from .row_files import HubOptions
 
 TRUNCATION_MODES = ("keep_end_of_prompt", "keep_start")
 
@@ -327,7 +328,8 @@ def build_text_dataset(sources: str | Path | Sequence[str | Path], tokenizer: An
                        split: str = "train", limit: int | None = None, max_length: int | None = 1024,
                        max_prompt_length: int | None = None, truncation: str = "keep_end_of_prompt",
                        add_eos: bool = True, chat_template: str | None = None, skip_bad_rows: bool = False,
-                       pad_to_multiple_of: int | None = None) -> tuple[PreferenceDataset, dict[str, int]]:
+                       pad_to_multiple_of: int | None = None,
+                       hub: HubOptions | None = None) -> tuple[PreferenceDataset, dict[str, int]]:
     """Load, validate and tokenise text preference data.
 
     Returns the dataset and flat integer stats for the training logs: ``rows_read``, ``rows_used``,
@@ -342,7 +344,7 @@ def build_text_dataset(sources: str | Path | Sequence[str | Path], tokenizer: An
     if pad_token_id is None:
         raise ValueError("the tokenizer has neither pad_token nor eos_token; set tokenizer.pad_token first")
     skipped: Counter = Counter()
-    rows = load_rows(sources, split=split, limit=limit, skip_bad_rows=skip_bad_rows, skipped=skipped)
+    rows = load_rows(sources, split=split, limit=limit, skip_bad_rows=skip_bad_rows, skipped=skipped, hub=hub)
     parsed = parse_rows(rows, format=format, skip_bad_rows=skip_bad_rows)
     encoder = TextEncoder(tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
                           truncation=truncation, add_eos=add_eos, chat_template=chat_template,

@@ -34,6 +34,13 @@ import torch
 
 from ..data import warm_colors as W
 from ..data.pairs import curriculum_stages, shuffled_mix, write_jsonl
+from .seeds import SeedSpec
+
+# No claim: the easy→hard effect does not appear on this toy (README); each seed's report keeps its arms.
+SEEDS = SeedSpec(fast={"weak_steps": 20, "sft_steps": 100, "strong_steps": 40, "align_steps": 20, "n_seeds": 1,
+                       "n_prompts": 128, "n_eval": 64},
+                 metrics={"mix": "mix", "curriculum_minus_mix": "curriculum_minus_mix",
+                          "label_agreement_with_reward": "label_agreement_with_reward"})
 
 TINY = "model.tiny={hidden_size: 64, num_layers: 2, num_heads: 4, num_kv_heads: 2, intermediate_size: 128}"
 

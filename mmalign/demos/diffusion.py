@@ -52,6 +52,16 @@ from pathlib import Path
 import torch
 
 from ..data import shapes as S
+from .seeds import SeedSpec
+
+# The claim is DPO over base; the NPO-CFG / Self-NPO rows are measured and aggregated, not claimed (README).
+SEEDS = SeedSpec(fast={"n_images": 48, "sft_steps": 4, "dpo_steps": 2, "self_npo_steps": 2, "pair_seeds": 3,
+                       "eval_seeds": 2, "captions": 3, "sample_steps": 3},
+                 win_rate="settings.win_rate_dpo_vs_base",
+                 metrics={"base+npo_cfg": "settings.base+npo_cfg", "dpo+npo_cfg": "settings.dpo+npo_cfg",
+                          "base+self_npo_cfg": "settings.base+self_npo_cfg",
+                          "dpo+self_npo_cfg": "settings.dpo+self_npo_cfg"},
+                 claim=("after", "before"))
 
 RESOLUTION = 16
 TINY = "model.tiny={channels: [16, 32], text_hidden: 32, text_max_length: 20}"
@@ -232,7 +242,9 @@ def run(out_dir: str | Path = "outputs/demo/diffusion", *, seed: int = 0, n_imag
     means = {k: round(float(v.mean()), 4) for k, v in rewards.items()}
 
     def win(a: str, b: str) -> float:
-        return round(float(((rewards[a] > rewards[b]).float() + 0.5 * (rewards[a] == rewards[b]).float()).mean()), 4)
+        from ..eval.paired import win_rate  # paired by caption and seed; a tie counts 1/2
+
+        return round(win_rate(rewards[a], rewards[b]), 4)
 
     grids = {}
     shown = min(len(caps), 12)

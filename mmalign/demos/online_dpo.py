@@ -22,6 +22,11 @@ import time
 from pathlib import Path
 
 from ..data import warm_colors as W
+from .seeds import SeedSpec
+
+SEEDS = SeedSpec(fast={"sft_steps": 150, "steps": 20, "n_eval": 64}, win_rate="win_rate_vs_sft",
+                 metrics={"kl_to_reference": "kl_to_reference", "xpo_reward": "methods.xpo.reward",
+                          "xpo_kl_to_reference": "methods.xpo.kl_to_reference"}, claim=("after", "before"))
 
 
 def addition_reward(prompt: str, completion: str) -> float:

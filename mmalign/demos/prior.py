@@ -26,6 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .seeds import SeedSpec
+
+SEEDS = SeedSpec(fast={"steps": 40, "n_train": 320, "n_eval": 64, "reference_steps": 40},
+                 metrics={"all_token_accuracy_ntp": "all_token_accuracy.ntp",
+                          "all_token_accuracy_prior": "all_token_accuracy.prior"},
+                 claim=("after", "before"))
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (225, 40, 40), "green": (40, 185, 60), "blue": (45, 80, 230),
     "yellow": (235, 215, 40), "purple": (155, 55, 200), "orange": (245, 140, 30),

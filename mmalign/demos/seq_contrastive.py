@@ -31,6 +31,13 @@ from pathlib import Path
 import torch
 
 from ..data import warm_colors as W
+from .seeds import SeedSpec
+
+SEEDS = SeedSpec(fast={"sft_steps": 60, "steps": 30, "n_eval": 64},
+                 metrics={"mle_control": "mle_control", "with_mle_term": "with_mle_term",
+                          "valid_rate_sft": "valid_sample_rate.sft",
+                          "valid_rate_seq_contrastive": "valid_sample_rate.seq_contrastive"},
+                 claim=("after", "before"))
 
 KINDS = ["autoregressive", "batch", "mean_field", "truncation"]
 NAMES = ["sft", "seq_contrastive", "seq_contrastive_mle", "mle"]

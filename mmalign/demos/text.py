@@ -20,6 +20,11 @@ from pathlib import Path
 import torch
 
 from ..data import warm_colors as W
+from .seeds import SeedSpec
+
+# Fast: a smoke run of the same pipeline; full ({}): the defaults, seed 0 = the README's single-seed figure.
+SEEDS = SeedSpec(fast={"sft_steps": 150, "dpo_steps": 60, "n_eval": 64}, win_rate="win_rate_vs_sft",
+                 metrics={"kl_to_reference": "kl_to_reference"}, claim=("after", "before"))
 
 
 def _train(out: Path, name: str, overrides: list[str]) -> dict:
@@ -31,22 +36,14 @@ def _train(out: Path, name: str, overrides: list[str]) -> dict:
 
 @torch.no_grad()
 def _evaluate(policy_dir: Path, ref_dir: Path, prompts: list[str], seed: int) -> dict:
-    from ..adapters.causal_lm import score_batch
+    from ..eval.text import compare_text
     from ..models.text import load_causal_lm, load_tokenizer
-    from ..sample.text import generate, samples_to_batch
 
-    tok = load_tokenizer(policy_dir)
-    policy, ref = load_causal_lm(policy_dir), load_causal_lm(ref_dir)
-    s_pol = generate(policy, tok, prompts, max_new_tokens=W.N_WORDS + 2, temperature=1.0, seed=seed)
-    s_ref = generate(ref, tok, prompts, max_new_tokens=W.N_WORDS + 2, temperature=1.0, seed=seed)
-    r_pol = [W.reward(c) for c in s_pol.completions]
-    r_ref = [W.reward(c) for c in s_ref.completions]
-    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(r_pol, r_ref, strict=True)]
-    batch = samples_to_batch(s_pol, tok.pad_token_id)
-    kl = (score_batch(policy, batch).logps - score_batch(ref, batch).logps)[:, 0]
-    return {"reward_policy": sum(r_pol) / len(r_pol), "reward_reference": sum(r_ref) / len(r_ref),
-            "win_rate": sum(wins) / len(wins), "kl": float(kl.mean()),
-            "samples": list(zip(prompts[:8], s_ref.completions[:8], s_pol.completions[:8], strict=True))}
+    ev = compare_text(load_causal_lm(policy_dir), load_tokenizer(policy_dir), prompts,
+                      reference=load_causal_lm(ref_dir), reward_fn=lambda ps, cs: [W.reward(c) for c in cs],
+                      seeds=[seed], max_new_tokens=W.N_WORDS + 2, temperature=1.0)
+    return {"reward_policy": ev["reward"], "reward_reference": ev["reward_reference"], "win_rate": ev["win_rate"],
+            "kl": ev["kl"], "samples": [(r["prompt"], r["reference"], r["policy"]) for r in ev["samples"][:8]]}
 
 
 def _plot(out: Path, sft_dir: Path, dpo_dir: Path) -> Path:

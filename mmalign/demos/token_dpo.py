@@ -24,6 +24,14 @@ from pathlib import Path
 import torch
 
 from ..data import warm_colors as W
+from .seeds import SeedSpec
+
+# The claim: TDPO2's reward above DPO's at equal KL (each path interpolated at the smaller final KL).
+SEEDS = SeedSpec(fast={"sft_steps": 150, "steps": 30, "n_eval": 64},
+                 metrics={"dpo_reward": "runs.dpo.reward", "dpo_kl": "runs.dpo.kl", "tdpo2_kl": "runs.tdpo2.kl",
+                          "equal_kl": "reward_at_equal_kl.kl", "dpo_at_equal_kl": "reward_at_equal_kl.dpo",
+                          "tdpo2_at_equal_kl": "reward_at_equal_kl.tdpo2"},
+                 claim=("tdpo2_at_equal_kl", "dpo_at_equal_kl"))
 
 TINY = "model.tiny={hidden_size: 64, num_layers: 2, num_heads: 4, num_kv_heads: 2, intermediate_size: 128}"
 METHODS = {"dpo": ["loss.name=dpo", "loss.kwargs={beta: 0.1}"],

@@ -29,6 +29,11 @@ from pathlib import Path
 import torch
 
 from ..data import warm_colors as W
+from .seeds import SeedSpec
+
+SEEDS = SeedSpec(fast={"sft_steps": 150, "guidance_steps": 40, "n_eval": 64}, win_rate="win_rate_vs_sft",
+                 metrics={"reward_model_pairwise_accuracy": "reward_model_pairwise_accuracy"},
+                 claim=("after", "before"))
 
 TINY = "model.tiny={hidden_size: 64, num_layers: 2, num_heads: 4, num_kv_heads: 2, intermediate_size: 128}"
 

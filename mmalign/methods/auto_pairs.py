@@ -91,10 +91,13 @@ def resolve_reward(spec: str | None) -> RewardFn | None:
 
 def generate_responses(sources: dict[str, str | Path], prompts: Sequence[str], *, seed: int = 0,
                        max_new_tokens: int = 32, temperature: float = 1.0, top_p: float = 1.0,
-                       batch_size: int = 32, chat: bool = False) -> dict[str, list[str]]:
+                       batch_size: int = 32, chat: bool = False,
+                       chat_template: str | None = None) -> dict[str, list[str]]:
     """Each source's completions for ``prompts``: a checkpoint directory is sampled with
     :func:`mmalign.sample.text.generate` (batched, same prompts and seed for every model); a ``.jsonl`` file
-    is read as responses (:func:`mmalign.data.pairs.read_responses`) and must list the same prompts."""
+    is read as responses (:func:`mmalign.data.pairs.read_responses`) and must list the same prompts.
+    ``chat_template`` (text or a file) replaces each model's own template for ``chat`` prompts."""
+    from ..models.chat import set_chat_template
     from ..models.text import load_causal_lm, load_tokenizer
     from ..sample.text import generate
 
@@ -112,7 +115,8 @@ def generate_responses(sources: dict[str, str | Path], prompts: Sequence[str], *
         if not path.is_dir():
             raise ValueError(f"model {name!r}: {src} is neither a checkpoint directory nor a responses .jsonl file")
         model = load_causal_lm(path)
-        out[name] = generate(model, load_tokenizer(path), list(prompts), max_new_tokens=max_new_tokens,
+        tok = set_chat_template(load_tokenizer(path), chat_template, where="--chat-template")
+        out[name] = generate(model, tok, list(prompts), max_new_tokens=max_new_tokens,
                              temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
                              chat=chat).completions
         del model

@@ -46,6 +46,7 @@ from ..adapters.family import NEEDS
 from ..config import ConfigError
 from ..losses import LossOutput
 from ..types import Scores
+from . import av_losses as AV
 from . import clip_losses as CL
 from .loss_kwargs import check_option_values, default_options
 
@@ -316,6 +317,8 @@ METHODS: dict[str, Method] = {
         Method("token_guidance", _PAIRS_OR_SFT, False, None, {"token_logps"}, None, "arXiv 2306.00398",
                why="options.* (TokenGuidanceOptions, checked by the task)",
                recipe="mmalign.methods.token_guidance:TokenGuidanceTask", family="causal_lm"),
+        Method("avp_rpo", "videos", True, None, {"logps"}, L.dpo, "AVP-RPO, MultiSoundGen-style (arXiv 2509.19999, "
+               "no code)", recipe="mmalign.methods.avp_rpo:AVPRPOTask", family="v2a"),
         Method("self_npo", "sft", False, None, {"logps"}, None, "Self-NPO, arXiv 2505.11777",
                why="loss.kwargs are Self-NPO's options (SelfNPOOptions, checked by the task)",
                recipe="mmalign.methods.self_npo:SelfNPOTask", family="diffusion", data_free=True),
@@ -331,6 +334,9 @@ METHODS: dict[str, Method] = {
                defaults=CL.CLIP_REFINE_DEFAULTS, why=CL.OPTIONS),
         Method("zscl", "pairs", False, CL.zscl_row, {"embeddings"}, None, "ZSCL, arXiv 2303.06628", aux="scores",
                defaults=CL.ZSCL_DEFAULTS, why=CL.OPTIONS),
+        Method("cavp", "pairs", False, AV.cavp_row, {"embeddings"}, None, "SF-CAVP-style (MultiSoundGen arXiv "
+               "2509.19999, no code) on CAVP (Diff-Foley arXiv 2306.17203)", defaults=AV.CAVP_DEFAULTS, why=AV.OPTIONS,
+               recipe="mmalign.methods.av:AVTask", family="av_contrastive"),
     ]
 }
 # Other names of rows (the diffusion recipe's historical names).

@@ -18,6 +18,7 @@ model's preprocess config, for both families: it is deterministic, which precomp
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from collections.abc import Callable
@@ -29,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ConfigError
+from .load_checks import check_finite, check_weight_files, hub_error, loading
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 META_FILE = "mmalign_clip.json"
@@ -140,7 +142,26 @@ def tiny_open_clip_config(**overrides: Any) -> dict:
         for p in parents:
             node = node[p]
         node[leaf] = value
+    v, t = cfg["vision_cfg"], cfg["text_cfg"]
+    sizes = {"embed_dim": cfg["embed_dim"], "image_size": v["image_size"], "patch_size": v["patch_size"],
+             "vision_width": v["width"], "vision_layers": v["layers"], "context_length": t["context_length"],
+             "text_width": t["width"], "text_heads": t["heads"], "text_layers": t["layers"]}
+    errors = _size_problems(sizes)
+    if not errors:  # open_clip's ViT has width // head_width heads; its text tower width // heads per head
+        if v["image_size"] % v["patch_size"]:
+            errors.append(f"model.tiny.image_size={v['image_size']} must be a multiple of patch_size={v['patch_size']}")
+        if v["width"] % v["head_width"]:
+            errors.append(f"model.tiny.vision_width={v['width']} must be a multiple of head width {v['head_width']}")
+        if t["width"] % t["heads"]:
+            errors.append(f"model.tiny.text_width={t['width']} must be divisible by text_heads={t['heads']}")
+    if errors:
+        raise ConfigError(errors)
     return cfg
+
+
+def _size_problems(sizes: dict[str, Any]) -> list[str]:
+    return [f"model.tiny.{k}={v!r} must be an integer >= 1" for k, v in sizes.items()
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1]
 
 
 def build_open_clip(model_cfg: dict, *, seed: int = 0, source: str = "tiny") -> ClipBundle:
@@ -165,6 +186,15 @@ def build_tiny_hf_clip(*, seed: int = 0, embed_dim: int = 32, image_size: int = 
     import open_clip
     from transformers import CLIPConfig, CLIPModel
 
+    sizes = {"embed_dim": embed_dim, "image_size": image_size, "patch_size": patch_size, "hidden_size": hidden_size,
+             "layers": layers, "context_length": context_length}
+    errors = _size_problems(sizes)
+    if not errors and image_size % patch_size:
+        errors.append(f"model.tiny.image_size={image_size} must be a multiple of patch_size={patch_size}")
+    if not errors and hidden_size % 2:
+        errors.append(f"model.tiny.hidden_size={hidden_size} must be even (2 attention heads)")
+    if errors:
+        raise ConfigError(errors)
     common = {"hidden_size": hidden_size, "intermediate_size": 2 * hidden_size, "num_hidden_layers": layers,
               "num_attention_heads": 2}
     config = CLIPConfig(text_config={**common, "vocab_size": 49408, "max_position_embeddings": context_length},
@@ -198,8 +228,15 @@ def _load_hf(path: str) -> ClipBundle:
     import open_clip
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    config = AutoConfig.from_pretrained(path)
-    model = AutoModel.from_pretrained(path)
+    local = Path(path).exists()
+    try:
+        with loading(path) if local else contextlib.nullcontext():
+            config = AutoConfig.from_pretrained(path)
+            model = AutoModel.from_pretrained(path)
+    except OSError as err:
+        if local:  # already a ModelFileError naming the directory
+            raise
+        raise hub_error(path, err) from err
     family_of(model)  # raises for a transformers model that is not a dual encoder
     text_cfg = getattr(config, "text_config", config)
     ctx = int(getattr(text_cfg, "max_position_embeddings", 77))
@@ -235,22 +272,32 @@ def load_clip(name_or_path: str, *, pretrained: str | None = None, dtype: str = 
         bundle = build_open_clip(tiny_open_clip_config(**tiny), seed=seed)
     elif name_or_path == "tiny-hf":
         tiny.pop("init_logit_bias", None)
+        import inspect
+
+        valid = [k for k in inspect.signature(build_tiny_hf_clip).parameters if k != "seed"]
+        if set(tiny) - set(valid):
+            raise ConfigError(f"model.tiny has unknown keys {sorted(set(tiny) - set(valid))} for a tiny transformers "
+                              f"CLIP (tiny-hf); valid: {valid}")
         bundle = build_tiny_hf_clip(seed=seed, **tiny)
     else:
         path = Path(name_or_path)
         kwargs = {"init_logit_bias": init_logit_bias} if init_logit_bias is not None else {}
         if path.is_dir() and (path / OPEN_CLIP_CONFIG).is_file():
-            bundle = _load_open_clip(f"local-dir:{path}", pretrained=None, source=str(path), model_kwargs={})
+            _require_weights(path, [OPEN_CLIP_WEIGHTS, "open_clip_pytorch_model.bin"])
+            with loading(path):
+                bundle = _load_open_clip(f"local-dir:{path}", pretrained=None, source=str(path), model_kwargs={})
         elif path.is_dir() and (path / "config.json").is_file():
+            _require_weights(path, ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"])
             bundle = _load_hf(str(path))
         elif path.is_dir():
             raise ConfigError(f"model.name_or_path: directory {str(path)!r} has neither {OPEN_CLIP_CONFIG} (open_clip) "
                               "nor config.json (transformers); point it at a saved model directory")
         elif path.suffix == ".json" and path.is_file():
-            model_cfg = json.loads(path.read_text())
-            model_cfg = model_cfg.get("model_cfg", model_cfg)
-            open_clip.add_model_config(path)  # registers it under the file's stem
-            bundle = _load_open_clip(path.stem, pretrained=pretrained, source=str(path), model_kwargs=kwargs)
+            if pretrained and Path(pretrained).suffix == ".safetensors" and Path(pretrained).is_file():
+                check_weight_files(Path(pretrained).parent, [Path(pretrained)])
+            with loading(path, "open_clip model config / clip.pretrained weights"):
+                open_clip.add_model_config(path)  # registers it under the file's stem
+                bundle = _load_open_clip(path.stem, pretrained=pretrained, source=str(path), model_kwargs=kwargs)
         elif name_or_path in open_clip.list_models() or name_or_path.startswith("hf-hub:"):
             bundle = _load_open_clip(name_or_path, pretrained=pretrained, source=name_or_path, model_kwargs=kwargs)
         elif "/" in name_or_path and not path.exists():  # a transformers hub id, where a hub is reachable
@@ -260,6 +307,8 @@ def load_clip(name_or_path: str, *, pretrained: str | None = None, dtype: str = 
                               "directory, an open_clip model config .json, or an open_clip model name (e.g. "
                               "ViT-B-32 with clip.pretrained=/path/to/weights.pt)")
     model = bundle.model
+    if name_or_path not in ("tiny", "tiny-hf"):
+        check_finite(model, name_or_path)
     if init_logit_bias is not None and bundle.family == "open_clip" and getattr(model, "logit_bias", None) is None:
         model.logit_bias = nn.Parameter(torch.full_like(model.logit_scale.data, float(init_logit_bias)))
         if bundle.model_cfg is not None:
@@ -273,6 +322,18 @@ def load_clip(name_or_path: str, *, pretrained: str | None = None, dtype: str = 
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return bundle
+
+
+def _require_weights(path: Path, names: list[str]) -> None:
+    """A model directory must hold one of the weight files ``names``; their safetensors headers must read."""
+    from ..config import ModelNotFound
+    from .load_checks import incomplete_hint
+
+    if not any((path / n).is_file() for n in names):
+        raise ModelNotFound(f"model directory {str(path)!r} holds no weights (none of {names}; it holds "
+                            f"{sorted(p.name for p in path.iterdir())}); download the full checkpoint or save it again "
+                            f"with save_clip{incomplete_hint(path)}")
+    check_weight_files(path)
 
 
 def save_clip(bundle: ClipBundle, path: str | Path, model: nn.Module | None = None, *,

@@ -29,6 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..config import ModelLoadError, ModelNotFound
+from .load_checks import check_finite, check_weight_files, incomplete_hint, loading, lora_targets_error
+
 KINDS = ("unet", "sdxl", "sd3")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 # diffusers' default LoRA targets for UNets and SD3 transformers (train_diffusion_dpo*.py, train_dreambooth_lora_sd3)
@@ -205,19 +208,21 @@ def detect_kind(path: str | os.PathLike) -> str:
     """``unet`` / ``sdxl`` / ``sd3`` from a pipeline directory's ``model_index.json`` (its ``_class_name``)."""
     index = Path(path) / "model_index.json"
     if not index.is_file():
-        raise FileNotFoundError(
+        raise ModelNotFound(
             f"{str(path)!r} has no model_index.json: expected a diffusers pipeline directory (subfolders unet or "
-            "transformer, vae, text_encoder, tokenizer, scheduler) written by Pipeline.save_pretrained; download "
-            "the full checkpoint or set diffusion.kind explicitly")
-    name = json.loads(index.read_text()).get("_class_name", "")
+            "transformer, vae, text_encoder, tokenizer, scheduler) written by Pipeline.save_pretrained; it holds "
+            f"{_listing(Path(path))}; download the full checkpoint or set diffusion.kind explicitly"
+            f"{incomplete_hint(Path(path))}")
+    with loading(index, "pipeline index"):
+        name = json.loads(index.read_text()).get("_class_name", "")
     if "StableDiffusion3" in name:
         return "sd3"
     if "XL" in name:
         return "sdxl"
     if "StableDiffusion" in name:
         return "unet"
-    raise ValueError(f"{index}: pipeline class {name!r} is not one of StableDiffusion / StableDiffusionXL / "
-                     "StableDiffusion3; set diffusion.kind (unet|sdxl|sd3) explicitly")
+    raise ModelLoadError(f"{index}: pipeline class {name!r} is not one of StableDiffusion / StableDiffusionXL / "
+                         "StableDiffusion3; set diffusion.kind (unet|sdxl|sd3) explicitly")
 
 
 def load_diffusion_components(
@@ -247,9 +252,10 @@ def load_diffusion_components(
 
     path = Path(name_or_path).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(
+        raise ModelNotFound(
             f"no diffusers pipeline directory at {str(path)!r}; pass a local directory written by "
-            "Pipeline.save_pretrained (e.g. a downloaded stable-diffusion-v1-5 snapshot), or 'tiny'")
+            f"Pipeline.save_pretrained (e.g. a downloaded stable-diffusion-v1-5 snapshot), or 'tiny'"
+            f"{incomplete_hint(path)}")
     kind = detect_kind(path) if kind == "auto" else kind
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is not one of {['auto', *KINDS]}")
@@ -260,20 +266,27 @@ def load_diffusion_components(
         return _load_pixel_space(path, dtype, prediction_type)
     missing = [d for d in (sub, "vae", "scheduler", "text_encoder", "tokenizer") if not (path / d).is_dir()]
     if missing:
-        raise FileNotFoundError(f"{str(path)!r} lacks the subfolders {missing} of a {kind} pipeline; it holds "
-                                f"{sorted(p.name for p in path.iterdir())}")
-    if kind == "sd3":
-        from diffusers import SD3Transformer2DModel as Net
+        raise ModelNotFound(f"{str(path)!r} lacks the subfolders {missing} of a {kind} pipeline; it holds "
+                            f"{_listing(path)}; download the full checkpoint{incomplete_hint(path)}")
+    _check_subfolders(path, [sub, "vae", "text_encoder", "text_encoder_2", "text_encoder_3"])
+    with loading(path / "scheduler", "scheduler config"):
+        if kind == "sd3":
+            from diffusers import SD3Transformer2DModel as Net
 
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
-    else:
-        from diffusers import UNet2DConditionModel as Net
+            scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
+        else:
+            from diffusers import UNet2DConditionModel as Net
 
-        extra = {"prediction_type": prediction_type} if prediction_type else {}
-        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **extra)
-    denoiser = Net.from_pretrained(path, subfolder=sub, torch_dtype=dtype)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype)
+            extra = {"prediction_type": prediction_type} if prediction_type else {}
+            scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **extra)
+    with loading(path / sub):
+        denoiser = Net.from_pretrained(path, subfolder=sub, torch_dtype=dtype)
+    with loading(path / "vae"):
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype)
     encoders, tokenizers = _load_text_stack(path, kind, dtype, load_t5=load_t5)
+    for name, m in [(sub, denoiser), ("vae", vae), *((f"text encoder {i}", e) for i, e in enumerate(encoders))]:
+        if m is not None:
+            check_finite(m, f"{path} ({name})")
     for m in [vae, *encoders]:
         if m is not None:
             m.requires_grad_(False).eval()
@@ -283,6 +296,22 @@ def load_diffusion_components(
         seq = json.loads(tiny.read_text())["max_sequence_length"] if tiny.is_file() else 256
     return DiffusionComponents(kind, denoiser, scheduler, vae, encoders, tokenizers, max_sequence_length=seq,
                                source=str(path))
+
+
+def _listing(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+
+
+def _check_subfolders(path: Path, subs: list[str]) -> None:
+    """Each component folder that exists must hold weights, and their safetensors headers must read."""
+    for sub in subs:
+        folder = path / sub
+        if not folder.is_dir():
+            continue
+        if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+            raise ModelNotFound(f"{folder} holds no weights (no .safetensors or .bin file; it holds {_listing(folder)})"
+                                f"; download the full checkpoint or save the pipeline again{incomplete_hint(path)}")
+        check_weight_files(folder)
 
 
 def is_pixel_space_dir(path: Path) -> bool:
@@ -298,9 +327,14 @@ def _load_pixel_space(path: Path, dtype: torch.dtype, prediction_type: str | Non
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     extra = {"prediction_type": prediction_type} if prediction_type else {}
-    scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **extra)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
+    _check_subfolders(path, ["unet", "text_encoder"])
+    with loading(path / "scheduler", "scheduler config"):
+        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **extra)
+    with loading(path / "unet"):
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
     encoders, tokenizers = _load_text_stack(path, "unet", dtype, load_t5=False)
+    for name, m in [("unet", unet), *((f"text encoder {i}", e) for i, e in enumerate(encoders))]:
+        check_finite(m, f"{path} ({name})")
     for m in encoders:
         m.requires_grad_(False).eval()
     return DiffusionComponents("unet", unet, scheduler, None, encoders, tokenizers, source=str(path))
@@ -321,15 +355,20 @@ def _load_text_stack(path: Path, kind: str, dtype: torch.dtype, *, load_t5: bool
     tokenizers: list[Any] = []
     for enc_dir, tok_dir, cls in specs:
         if not (path / enc_dir).is_dir() or not (path / tok_dir).is_dir():
-            raise FileNotFoundError(f"{str(path)!r}: a {kind} pipeline needs {enc_dir}/ and {tok_dir}/")
-        encoders.append(cls.from_pretrained(path / enc_dir, torch_dtype=dtype))
-        tokenizers.append(AutoTokenizer.from_pretrained(path / tok_dir))
+            raise ModelNotFound(f"{str(path)!r}: a {kind} pipeline needs {enc_dir}/ and {tok_dir}/; it holds "
+                                f"{_listing(path)}; download the full checkpoint{incomplete_hint(path)}")
+        with loading(path / enc_dir):
+            encoders.append(cls.from_pretrained(path / enc_dir, torch_dtype=dtype))
+        with loading(path / tok_dir, "tokenizer"):
+            tokenizers.append(AutoTokenizer.from_pretrained(path / tok_dir))
     if kind == "sd3":
         if load_t5 and (path / "text_encoder_3").is_dir():
             from transformers import T5EncoderModel
 
-            encoders.append(T5EncoderModel.from_pretrained(path / "text_encoder_3", torch_dtype=dtype))
-            tokenizers.append(AutoTokenizer.from_pretrained(path / "tokenizer_3"))
+            with loading(path / "text_encoder_3"):
+                encoders.append(T5EncoderModel.from_pretrained(path / "text_encoder_3", torch_dtype=dtype))
+            with loading(path / "tokenizer_3", "tokenizer"):
+                tokenizers.append(AutoTokenizer.from_pretrained(path / "tokenizer_3"))
         else:
             encoders.append(None)
             tokenizers.append(None)
@@ -355,7 +394,12 @@ def apply_lora(denoiser: nn.Module, *, r: int = 8, alpha: int | None = None, dro
     targets = DEFAULT_LORA_TARGETS if target_modules in (None, "all-linear") else target_modules
     config = LoraConfig(r=r, lora_alpha=alpha if alpha is not None else r, lora_dropout=dropout,
                         target_modules=targets, init_lora_weights="gaussian")
-    return get_peft_model(denoiser, config)
+    try:
+        return get_peft_model(denoiser, config)
+    except ValueError as err:
+        if "not found in the base model" not in str(err) and "No modules were targeted" not in str(err):
+            raise
+        raise lora_targets_error(denoiser, targets, err) from None
 
 
 def lora_layers_for_diffusers(peft_model: nn.Module, state_dict: dict | None = None

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..config import ConfigError, ModelLoadError, ModelNotADirectory, ModelNotFound
+from .load_checks import check_finite, check_weight_files, incomplete_hint, loading
 from .text import _DTYPE_KWARG, DTYPES, build_tiny_causal_lm, load_causal_lm, tiny_llama_config
 
 IMAGE_TOKEN = "<image>"
@@ -203,12 +205,16 @@ class PatchLVLM(nn.Module):
         path = Path(path)
         for name in (PATCH_CONFIG_FILE, PATCH_WEIGHTS_FILE):
             if not (path / name).is_file():
-                raise FileNotFoundError(f"PatchLVLM.from_pretrained: {path / name} is missing; write the directory "
-                                        "with PatchLVLM.save_pretrained (or mmalign.models.lvlm.save_lvlm)")
-        settings = json.loads((path / PATCH_CONFIG_FILE).read_text())
+                raise ModelNotFound(f"PatchLVLM.from_pretrained: {path / name} is missing; write the directory "
+                                    "with PatchLVLM.save_pretrained (or mmalign.models.lvlm.save_lvlm)"
+                                    f"{incomplete_hint(path)}")
+        with loading(path / PATCH_CONFIG_FILE, "PatchLVLM config"):
+            settings = json.loads((path / PATCH_CONFIG_FILE).read_text())
         model = cls(load_causal_lm(path, **load_kwargs), **settings)
-        state = load_file(str(path / PATCH_WEIGHTS_FILE))
-        model.patch_embed.load_state_dict(state)
+        check_weight_files(path, [path / PATCH_WEIGHTS_FILE])
+        with loading(path / PATCH_WEIGHTS_FILE, "patch embedding"):
+            model.patch_embed.load_state_dict(load_file(str(path / PATCH_WEIGHTS_FILE)))
+        check_finite(model.patch_embed, path / PATCH_WEIGHTS_FILE)
         return model.to(dtype=next(model.lm.parameters()).dtype)
 
 
@@ -229,6 +235,25 @@ def add_image_token(tokenizer) -> int:
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
     return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+
+def _tiny_vision_problems(tiny: dict, kind: str) -> list[str]:
+    """``model.tiny``'s image-side keys: sizes >= 1, patches tiling the image, heads dividing the width; an unknown
+    key starting with vision/image/patch is named with the valid ones (the rest go to the tiny Llama, which checks
+    its own)."""
+    errs = []
+    for k in tiny:
+        if k not in VISION_KEYS and k.startswith(("vision", "image", "patch")):
+            errs.append(f"model.tiny.{k}: unknown key for a tiny LVLM's image side; valid: {list(VISION_KEYS)}")
+    vis = _split_tiny(tiny)[1]
+    bad = [k for k, v in vis.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+    errs += [f"model.tiny.{k}={vis[k]!r} must be an integer >= 1" for k in bad]
+    if not bad and vis["image_size"] % vis["patch_size"]:
+        errs.append(f"model.tiny.image_size={vis['image_size']} must be a multiple of patch_size={vis['patch_size']}")
+    if not bad and kind == "llava" and vis["vision_hidden_size"] % vis["vision_heads"]:
+        errs.append(f"model.tiny.vision_hidden_size={vis['vision_hidden_size']} must be divisible by "
+                    f"vision_heads={vis['vision_heads']}")
+    return errs
 
 
 def _split_tiny(tiny: dict) -> tuple[dict, dict]:
@@ -253,6 +278,9 @@ def build_tiny_lvlm(kind: str, tokenizer, *, seed: int = 0, **tiny: Any) -> tupl
     """
     if kind not in KINDS:
         raise ValueError(f"build_tiny_lvlm: kind={kind!r} is not one of {list(KINDS)}")
+    problems = _tiny_vision_problems(tiny, kind)
+    if problems:
+        raise ConfigError(problems)
     image_token_id = add_image_token(tokenizer)
     text, vis = _split_tiny(tiny)
     ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
@@ -315,15 +343,18 @@ def load_lvlm(path: str | os.PathLike, *, dtype: str = "float32", attn_implement
     holding only a PEFT adapter loads its base (``base_model_name_or_path``) and attaches the adapter
     (trainable). Other multimodal families (LLaVA-OneVision, Qwen2-VL, ...) are not supported yet.
     """
-    from .text import load_tokenizer
+    from .text import _check_checkpoint_dir, _from_hub, load_tokenizer
 
     if dtype not in DTYPES:
         raise ValueError(f"load_lvlm: dtype={dtype!r} is not one of {sorted(DTYPES)}")
     text = os.fspath(path)
     local = Path(text).expanduser()
     if not local.exists() and (text.startswith((".", "/", "~")) or text.count("/") > 1):
-        raise FileNotFoundError(f"load_lvlm: no checkpoint directory at {text!r}; expected a directory written by "
-                                "save_pretrained (mmalign.models.lvlm.save_lvlm) or a LLaVA-hf checkpoint")
+        raise ModelNotFound(f"load_lvlm: no checkpoint directory at {text!r}; expected a directory written by "
+                            "save_pretrained (mmalign.models.lvlm.save_lvlm) or a LLaVA-hf checkpoint"
+                            f"{incomplete_hint(local)}")
+    if local.exists() and not local.is_dir():
+        raise ModelNotADirectory(f"load_lvlm: {text!r} is a file; pass the checkpoint directory that holds it")
     if local.is_dir() and (local / PATCH_CONFIG_FILE).is_file():
         model = PatchLVLM.from_pretrained(local, dtype=dtype, attn_implementation=attn_implementation,
                                           gradient_checkpointing=gradient_checkpointing)
@@ -331,35 +362,39 @@ def load_lvlm(path: str | os.PathLike, *, dtype: str = "float32", attn_implement
         return model, LVLMInputs("patch", tok, model.image_token_id, model.num_image_tokens,
                                  patch_image=_patch_image(model))
     if local.is_dir() and not (local / "config.json").is_file() and (local / "adapter_config.json").is_file():
-        base = json.loads((local / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        with loading(local / "adapter_config.json", "adapter config"):
+            base = json.loads((local / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if not base:
-            raise ValueError(f"{local / 'adapter_config.json'}: 'base_model_name_or_path' is empty; set it to the "
+            raise ModelLoadError(f"{local / 'adapter_config.json'}: 'base_model_name_or_path' is empty; set it to the "
                              "base LLaVA checkpoint the adapter was trained on")
         model, _ = load_lvlm(base, dtype=dtype, attn_implementation=attn_implementation,
                              gradient_checkpointing=gradient_checkpointing, trust_remote_code=trust_remote_code)
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(local), is_trainable=True)
+        check_weight_files(local)
+        with loading(local, "LoRA adapter"):
+            model = PeftModel.from_pretrained(model, str(local), is_trainable=True)
         return model, _llava_inputs(local, unwrap_lvlm(model).config, trust_remote_code)
     from transformers import AutoConfig, LlavaForConditionalGeneration
 
     where = str(local) if local.exists() else text
-    try:
-        config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
-    except OSError as err:
-        if local.exists():
-            raise
-        raise OSError(f"load_lvlm: could not load {text!r} as a hub id ({err}). Without internet (or with "
-                      "HF_HUB_OFFLINE=1) pass a local directory, e.g. from huggingface-cli download") from err
+    if local.exists():
+        _check_checkpoint_dir(local, "load_lvlm")
+        with loading(local):
+            config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
+    else:
+        config = _from_hub(AutoConfig, text, trust_remote_code=trust_remote_code)
     if config.model_type != "llava":
-        raise ValueError(f"load_lvlm: {where} is a {config.model_type!r} model; supported: 'llava' "
+        raise ModelLoadError(f"load_lvlm: {where} is a {config.model_type!r} model; supported: 'llava' "
                          "(LlavaForConditionalGeneration, e.g. llava-hf/llava-1.5-7b-hf or "
                          "llava-hf/llava-interleave-qwen-0.5b-hf) "
                          "and mmalign PatchLVLM directories")
     kwargs: dict[str, Any] = {_DTYPE_KWARG: DTYPES[dtype]}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    model = LlavaForConditionalGeneration.from_pretrained(where, **kwargs)
+    with loading(where):
+        model = LlavaForConditionalGeneration.from_pretrained(where, **kwargs)
+    check_finite(model, where)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -369,7 +404,8 @@ def load_lvlm(path: str | os.PathLike, *, dtype: str = "float32", attn_implement
 def _llava_inputs(where, config, trust_remote_code: bool) -> LVLMInputs:
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(str(where), trust_remote_code=trust_remote_code)
+    with loading(where, "processor (tokenizer + image processor)"):
+        processor = AutoProcessor.from_pretrained(str(where), trust_remote_code=trust_remote_code)
     tok = processor.tokenizer
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -15,6 +15,7 @@ chosen by the adapter instead of by ``pad_token_id`` lookup, which breaks on lef
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -28,6 +29,9 @@ from packaging.version import Version
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from ..config import ConfigError, ModelNotADirectory, ModelNotFound, ModelRequirementError
+from .load_checks import check_finite, check_weight_files, hub_error, incomplete_hint, loading, lora_targets_error
+
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -36,6 +40,9 @@ DTYPES: dict[str, torch.dtype] = {
 VALUE_HEAD_FILE = "value_head.safetensors"
 # transformers renamed from_pretrained's ``torch_dtype`` to ``dtype`` in 4.56; pyproject allows >=4.46.
 _DTYPE_KWARG = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+# Any one of these marks a directory that a tokenizer's save_pretrained wrote.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
 # Any one of these marks a directory that save_pretrained wrote weights into.
 WEIGHT_FILES = (
     "model.safetensors",
@@ -62,9 +69,23 @@ def tiny_llama_config(
     ``initializer_range``, ``tie_word_embeddings``). Attention defaults to ``eager``: on CPU it is as fast
     as SDPA at these sizes and gives bit-stable results across torch versions.
     """
+    sizes = {"vocab_size": vocab_size, "hidden_size": hidden_size, "num_layers": num_layers, "num_heads": num_heads,
+             "num_kv_heads": num_kv_heads, "intermediate_size": intermediate_size,
+             "max_position_embeddings": max_position_embeddings}
+    typical = {"vocab_size": 512, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+               "intermediate_size": 128, "max_position_embeddings": 512}
+    errors = [f"model.tiny.{k}={v!r} must be an integer >= 1 (e.g. {typical[k]})" for k, v in sizes.items()
+              if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+    known = {f.name for f in dataclasses.fields(LlamaConfig)} if dataclasses.is_dataclass(LlamaConfig) else None
+    if known is not None:  # LlamaConfig keeps unknown keyword arguments as attributes: a typo would do nothing
+        options = sorted({*sizes, *known})
+        errors += [f"model.tiny.{k}: unknown key for a tiny Llama{_close(k, options)}; valid: the sizes "
+                   f"{sorted(sizes)} or a transformers LlamaConfig field" for k in overrides if k not in known]
+    if errors:
+        raise ConfigError(errors)
     if hidden_size % num_heads or num_heads % num_kv_heads:
-        raise ValueError(
-            f"tiny_llama_config: hidden_size={hidden_size} must be divisible by num_heads={num_heads}, and "
+        raise ConfigError(
+            f"model.tiny: hidden_size={hidden_size} must be divisible by num_heads={num_heads}, and "
             f"num_heads by num_kv_heads={num_kv_heads}; pick e.g. hidden_size=64, num_heads=4, num_kv_heads=2"
         )
     kwargs: dict[str, Any] = dict(
@@ -79,6 +100,13 @@ def tiny_llama_config(
     )
     kwargs.update(overrides)
     return LlamaConfig(**kwargs)
+
+
+def _close(word: str, options: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, options, n=2, cutoff=0.7)
+    return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
 
 
 def build_tiny_causal_lm(vocab_size: int, seed: int = 0, **kw: Any) -> LlamaForCausalLM:
@@ -214,7 +242,8 @@ def load_causal_lm(
         and (local / "adapter_config.json").is_file()
     ):
         adapter_dir = local
-        base_path = json.loads((local / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        with loading(local / "adapter_config.json", "adapter config"):
+            base_path = json.loads((local / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if not base_path:
             raise ValueError(
                 f"{local / 'adapter_config.json'}: field 'base_model_name_or_path' is empty; set it to the "
@@ -235,16 +264,13 @@ def load_causal_lm(
         kwargs["attn_implementation"] = attn_implementation
     if load_in_4bit or load_in_8bit:
         kwargs.update(_quantization_kwargs(load_in_4bit, load_in_8bit, DTYPES[dtype]))
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(local or name_or_path), **kwargs)
-    except OSError as err:
-        if local is not None:
-            raise
-        raise OSError(
-            f"load_causal_lm: could not load {str(name_or_path)!r} as a hub id ({err}). Without internet "
-            "(or with HF_HUB_OFFLINE=1) pass a local directory written by save_pretrained or "
-            "huggingface-cli download"
-        ) from err
+    if local is None:
+        model = _from_hub(AutoModelForCausalLM, name_or_path, **kwargs)
+    else:
+        with loading(local):
+            model = AutoModelForCausalLM.from_pretrained(str(local), **kwargs)
+    if not (load_in_4bit or load_in_8bit):  # quantised weights are integers; bitsandbytes checks its own
+        check_finite(model, local or name_or_path)
     if gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen embeddings (LoRA) without enable_input_require_grads.
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
@@ -255,7 +281,10 @@ def load_causal_lm(
     if adapter_dir is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+        check_weight_files(adapter_dir)
+        with loading(adapter_dir, "LoRA adapter"):
+            model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+        check_finite({n: p for n, p in model.named_parameters() if "lora_" in n}, adapter_dir)
     if not value_head:
         return model
     wrapped = ValueHeadModel(model)
@@ -263,7 +292,10 @@ def load_causal_lm(
     if (adapter_dir or local) is not None and head_file.is_file():
         from safetensors.torch import load_file
 
-        wrapped.v_head.load_state_dict(load_file(str(head_file)))
+        check_weight_files(head_file.parent, [head_file])
+        with loading(head_file, "value head"):
+            wrapped.v_head.load_state_dict(load_file(str(head_file)))
+        check_finite(wrapped.v_head, head_file)
     return wrapped
 
 
@@ -273,7 +305,18 @@ def load_tokenizer(name_or_path: str | os.PathLike, *, trust_remote_code: bool =
     from transformers import AutoTokenizer
 
     local = _as_local_dir(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(str(local or name_or_path), trust_remote_code=trust_remote_code)
+    if local is None:
+        tokenizer = _from_hub(AutoTokenizer, name_or_path, trust_remote_code=trust_remote_code)
+    else:
+        if not any((local / f).is_file() for f in TOKENIZER_FILES):
+            if not (local / "config.json").is_file():
+                _check_checkpoint_dir(local)  # names what a checkpoint needs and what the directory holds
+            present = sorted(p.name for p in local.iterdir())
+            raise ModelNotFound(f"load_tokenizer: {str(local)!r} holds no tokenizer (none of {list(TOKENIZER_FILES)}; "
+                                f"it holds {present}); fix: save the tokenizer there (tokenizer.save_pretrained), or "
+                                f"set model.tokenizer to the directory that has it{incomplete_hint(local)}")
+        with loading(local, "tokenizer"):
+            tokenizer = AutoTokenizer.from_pretrained(str(local), trust_remote_code=trust_remote_code)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -311,11 +354,18 @@ def apply_lora(
         modules_to_save=modules_to_save,
         task_type="CAUSAL_LM",
     )
+    inner = model.base if isinstance(model, ValueHeadModel) else model
+    try:
+        wrapped = get_peft_model(inner, config)
+    except ValueError as err:
+        if "not found in the base model" not in str(err) and "No modules were targeted" not in str(err):
+            raise
+        raise lora_targets_error(inner, target_modules, err) from None
     if isinstance(model, ValueHeadModel):
-        model.base = get_peft_model(model.base, config)
+        model.base = wrapped
         model.v_head.requires_grad_(True)
         return model
-    return get_peft_model(model, config)
+    return wrapped
 
 
 def _as_local_dir(name_or_path: str | os.PathLike) -> Path | None:
@@ -330,20 +380,28 @@ def _as_local_dir(name_or_path: str | os.PathLike) -> Path | None:
     if not looks_local:
         return None
     if not path.exists():
-        raise FileNotFoundError(
+        raise ModelNotFound(
             f"load_causal_lm: no checkpoint directory at {str(path)!r}; expected a directory written by "
             "save_pretrained (config.json + model.safetensors). Check the path (hub ids look like 'org/name' "
-            "and need internet)"
+            f"and need internet){incomplete_hint(path)}"
         )
     if not path.is_dir():
-        raise NotADirectoryError(
+        raise ModelNotADirectory(
             f"load_causal_lm: {str(path)!r} is a file; pass the directory that holds config.json and "
             "the weights"
         )
     return path
 
 
-def _check_checkpoint_dir(path: Path) -> None:
+def _from_hub(cls: Any, name: str | os.PathLike, **kwargs: Any) -> Any:
+    """``cls.from_pretrained(hub_id)``; without internet a clean error that says to pass a local directory."""
+    try:
+        return cls.from_pretrained(str(name), **kwargs)
+    except OSError as err:
+        raise hub_error(name, err) from err
+
+
+def _check_checkpoint_dir(path: Path, who: str = "load_causal_lm") -> None:
     present = sorted(p.name for p in path.iterdir())
     missing = []
     if not (path / "config.json").is_file():
@@ -351,11 +409,12 @@ def _check_checkpoint_dir(path: Path) -> None:
     if not any((path / name).is_file() for name in WEIGHT_FILES):
         missing.append(f"model weights (one of {', '.join(WEIGHT_FILES)})")
     if missing:
-        raise FileNotFoundError(
-            f"load_causal_lm: checkpoint directory {str(path)!r} is missing {' and '.join(missing)}; it "
+        raise ModelNotFound(
+            f"{who}: checkpoint directory {str(path)!r} is missing {' and '.join(missing)}; it "
             f"holds {present or 'nothing'}. Write it with model.save_pretrained(dir) or download the full "
-            "checkpoint"
+            f"checkpoint{incomplete_hint(path)}"
         )
+    check_weight_files(path)
 
 
 def _quantization_kwargs(
@@ -363,15 +422,16 @@ def _quantization_kwargs(
 ) -> dict[str, Any]:
     if load_in_4bit and load_in_8bit:
         raise ValueError("load_causal_lm: load_in_4bit and load_in_8bit are exclusive; set only one")
+    flag = "load_in_4bit" if load_in_4bit else "load_in_8bit"
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ImportError(
-            "load_causal_lm: 4/8-bit loading needs the 'bitsandbytes' package (pip install bitsandbytes); "
-            "or load in bfloat16 with load_in_4bit=False, load_in_8bit=False"
+        raise ModelRequirementError(
+            f"model.{flag}=true: 4/8-bit loading needs the 'bitsandbytes' package, which is not installed; fix: "
+            f"pip install bitsandbytes (on a CUDA machine), or model.{flag}=false and model.dtype=bfloat16"
         )
     if not torch.cuda.is_available():
-        raise RuntimeError(
-            "load_causal_lm: 4/8-bit (bitsandbytes) loading needs a CUDA GPU and none is visible; "
-            "load in float32/bfloat16 instead"
+        raise ModelRequirementError(
+            f"model.{flag}=true: 4/8-bit (bitsandbytes) loading needs a CUDA GPU and none is visible; fix: "
+            f"model.{flag}=false and load in float32/bfloat16"
         )
     from transformers import BitsAndBytesConfig
 

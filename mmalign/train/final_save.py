@@ -44,10 +44,35 @@ def gathered_state_dict(accelerator, model: nn.Module | None, *, force: bool = F
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+# Modalities whose final/ ``mmalign.models.merge`` can merge (causal LMs, LVLMs, diffusion denoisers).
+MERGEABLE = {"text": "causal LM", "prior": "LVLM (LLaVA / PatchLVLM)", "diffusion": "diffusion denoiser"}
+
+
+def merge_problems(cfg: TrainConfig) -> list[str]:
+    """Why ``run.merge_lora_at_end`` cannot work for this run (empty: it can, or it is off)."""
+    if not cfg.run.merge_lora_at_end:
+        return []
+    errs = []
+    if not cfg.lora.enabled:
+        errs.append("run.merge_lora_at_end=true merges a LoRA adapter, but lora.enabled=false: a full fine-tune's "
+                    "final/ already holds full weights; fix: drop run.merge_lora_at_end or set lora.enabled=true")
+    if not cfg.run.save_final:
+        errs.append("run.merge_lora_at_end=true merges final/, which run.save_final=false does not write; fix: "
+                    "drop one of them")
+    if cfg.modality not in MERGEABLE:
+        errs.append(f"run.merge_lora_at_end=true: merging is implemented for {sorted(MERGEABLE)} runs, not "
+                    f"modality={cfg.modality!r}; fix: drop it and load final/ with peft")
+    return errs
+
+
 def check_final_save(accelerator, cfg: TrainConfig) -> None:
-    """Fail before training, not after it, when ZeRO-3 could not gather the weights for the final save."""
+    """Fail before training, not after it, when the final save cannot work: ZeRO-3 could not gather the weights,
+    or ``run.merge_lora_at_end`` has no adapter (or no implementation) to merge."""
     from accelerate.utils import DistributedType
 
+    problems = merge_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
     if not cfg.run.save_final or accelerator.distributed_type != DistributedType.DEEPSPEED:
         return
     zero = accelerator.deepspeed_config.get("zero_optimization", {})
@@ -57,7 +82,7 @@ def check_final_save(accelerator, cfg: TrainConfig) -> None:
                           "deepspeed_zero3.yaml does), or run.save_final=false and export with zero_to_fp32.py")
 
 
-FINAL, FINAL_TMP = "final", "final.tmp"
+FINAL, FINAL_TMP, FINAL_MERGED = "final", "final.tmp", "final_merged"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 
@@ -109,28 +134,82 @@ def _repoint(tmp: Path, final: Path) -> None:
             p.write_text(new)
 
 
-def _export(run: Run, full_state: dict | None) -> Path:
-    """``save_pretrained`` into ``final.tmp``, verify it, then rename it to ``final`` (replacing a previous one
-    only now, so a failed export leaves it as it was)."""
-    final, tmp = run.out_dir / FINAL, run.out_dir / FINAL_TMP
+def write_atomically(dest: Path, write, *, no_lora: bool = False) -> Path:
+    """``write(tmp)`` into ``<dest>.tmp``, verify it (:func:`verify_export`; with ``no_lora`` also that no LoRA
+    tensor is left, see :func:`mmalign.models.merge.lora_keys`), then rename it to ``dest``, replacing a previous
+    one only now, so a failed write leaves it as it was. Raises :class:`_Incomplete` for a write that does not
+    read back; the partial ``<dest>.tmp`` is removed whatever fails."""
+    tmp = dest.with_name(dest.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
+        write(tmp)
+        problems = verify_export(tmp)
+        if no_lora:
+            from ..models.merge import lora_keys
+
+            left = lora_keys(tmp)
+            problems += [f"LoRA tensors left after the merge: {left[:3]}{' ...' if len(left) > 3 else ''}"] if left \
+                else []
+        if problems:
+            raise _Incomplete("; ".join(problems))
+        _repoint(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if dest.exists():  # a previous one (checked before training: resumed run or run.overwrite=true)
+        shutil.rmtree(dest)  # replaced whole, so no file of another layout (full vs adapter) is left
+    os.replace(tmp, dest)
+    return dest
+
+
+def _export(run: Run, full_state: dict | None) -> Path:
+    """``save_pretrained`` into ``final.tmp``, verify it, then rename it to ``final``."""
+    def write(tmp: Path) -> None:
         if full_state is None:
             run.task.save_pretrained(run.task.model, tmp)
         else:
             run.task.save_pretrained(run.task.model, tmp, state_dict=full_state)
-        problems = verify_export(tmp)
-        if problems:
-            raise _Incomplete("; ".join(problems))
-        _repoint(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():  # a previous final/ (checked before training: resumed run or run.overwrite=true)
-        shutil.rmtree(final)  # replaced whole, so no file of another layout (full vs adapter) is left
-    os.replace(tmp, final)
-    return final
+
+    return write_atomically(run.out_dir / FINAL, write)
+
+
+def export_merged(source: Path, dest: Path, *, dtype: str = "float32", base: str | None = None,
+                  copy_full: bool = False) -> tuple[Path, dict]:
+    """``dest`` ← the LoRA adapter of ``source`` merged into its base (:func:`mmalign.models.merge.merge_adapter`),
+    written atomically and checked to hold no LoRA tensor. ``copy_full``: a ``source`` that holds full weights
+    already (a tiny LVLM run saves its LoRA merged) is copied instead of refused."""
+    from ..models.merge import NothingToMerge, merge_adapter
+
+    info: dict = {}
+
+    def write(tmp: Path) -> None:
+        try:
+            info.update(merge_adapter(source, tmp, dtype=dtype, base=base))
+        except NothingToMerge:
+            if not copy_full:
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(source, tmp)
+            info.update(kind="copied", source=str(source), note="final/ holds full weights already")
+
+    return write_atomically(dest, write, no_lora=True), info
+
+
+def _export_merged(run: Run) -> None:
+    """``final_merged/`` from the ``final/`` just written (main process). A failure leaves final/ as it is and
+    says how to merge it by hand."""
+    final, merged = run.out_dir / FINAL, run.out_dir / FINAL_MERGED
+    try:
+        path, info = export_merged(final, merged, dtype=run.cfg.model.dtype, copy_full=True)
+    except Exception as err:
+        cause = str(err) if isinstance(err, (_Incomplete, ConfigError)) else ckpt.describe_os_error(err)
+        raise ckpt.SaveError([f"writing {merged} failed: {cause} (final/ is complete and was kept; the partial "
+                              f"{merged}.tmp was removed)",
+                              f"fix: mmalign merge {final} --out {merged} (after freeing space or fixing the cause)"],
+                             source=str(run.out_dir)) from err
+    run.summary["final_merged_model"] = str(path)
+    log.info("merged the LoRA adapter of %s into %s (%s)", final, path, info.get("class", info.get("kind")))
 
 
 def _keep_final_state(run: Run) -> tuple[Path, bool] | None:
@@ -167,12 +246,14 @@ def _failure(run: Run, err: BaseException, kept: tuple[Path, bool] | None) -> ck
 
 
 def save_final(run: Run, *, force_gathered: bool = False) -> None:
-    """Write ``final/`` (``run.save_final``) atomically, after keeping the final state as a checkpoint; a
-    collective call: every rank takes part in the gathering, and no process returns (and reads ``final/``)
-    before it is written. A failed write raises :class:`~mmalign.train.checkpoint.SaveError` (on the main
-    process) naming the path, the cause and the checkpoint to resume from."""
+    """Write ``final/`` (``run.save_final``) atomically, after keeping the final state as a checkpoint, and with
+    ``run.merge_lora_at_end`` then ``final_merged/`` (the adapter merged into its base); a collective call: every
+    rank takes part in the gathering, and no process returns (and reads ``final/``) before it is written. A failed
+    write raises :class:`~mmalign.train.checkpoint.SaveError` (on the main process) naming the path, the cause and
+    the checkpoint to resume from (or, for ``final_merged/``, the ``mmalign merge`` command that redoes it)."""
     accelerator = run.accelerator
     accelerator.wait_for_everyone()
+    merge_error = None
     if run.cfg.run.save_final:
         kept = _keep_final_state(run)
         full_state = gathered_state_dict(accelerator, run.model, force=force_gathered)
@@ -189,4 +270,11 @@ def save_final(run: Run, *, force_gathered: bool = False) -> None:
             raise _failure(run, error, kept) from error
         if accelerator.is_main_process and kept is not None and kept[1]:
             shutil.rmtree(kept[0], ignore_errors=True)  # written for the export only; final/ now holds it
+        if accelerator.is_main_process and run.cfg.run.merge_lora_at_end:
+            try:
+                _export_merged(run)  # from final/ on disk: one path for every launcher, sharded runs included
+            except ckpt.SaveError as err:
+                merge_error = err  # raised after the barrier, so that no other rank waits for this one forever
     accelerator.wait_for_everyone()
+    if merge_error is not None:
+        raise merge_error

@@ -32,7 +32,7 @@ from ..methods.task import Task
 from ..schema import StageConfig, TrainConfig
 from . import checkpoint as ckpt
 from .accel import make_accelerator
-from .evaluate import evaluate
+from .evaluate import Validation, evaluate, run_evaluation
 from .final_save import check_final_save, gathered_state_dict, save_final
 from .metrics_log import MetricsLogger, truncate_metrics
 from .output_guard import plan_resume
@@ -68,7 +68,8 @@ def fit(task: Task, cfg: TrainConfig, accelerator=None) -> dict:
     if resume and accelerator.is_main_process:  # records of steps after the checkpoint are retrained: drop them
         truncate_metrics(out_dir / "metrics.jsonl", resume.state["global_step"])
     logger = MetricsLogger(out_dir, cfg.run.report_to, enabled=accelerator.is_main_process)
-    run = Run(task, cfg, accelerator, logger, make_reference(task, cfg), RunState([s.name for s in stages]))
+    run = Run(task, cfg, accelerator, logger, make_reference(task, cfg), RunState([s.name for s in stages]),
+              validation=Validation.build(cfg))
 
     for idx, stage in enumerate(stages):
         replay_merge(run, idx, stage)
@@ -124,12 +125,7 @@ def _after_step(run: Run, stage: Stage, metrics: dict, progress) -> None:
 
 
 def _evaluate(run: Run, stage: Stage) -> dict:
-    state = run.state
-    state.eval = evaluate(run.task, stage.model, stage.data, stage.eval_ref, run.cfg, run.accelerator) or state.eval
-    state.eval_step = state.global_step
-    if state.eval:
-        run.logger.log(state.global_step, state.eval, stage=stage.config.name)
-    return state.eval
+    return run_evaluation(run, stage)  # eval-set loss + sampling validation, logged and printed
 
 
 def _finish_stage(run: Run, stage: Stage) -> None:

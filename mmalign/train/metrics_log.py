@@ -75,6 +75,22 @@ class MetricsLogger:
             self._wandb.log(numeric, step=step)
         return record
 
+    def log_image(self, tag: str, path: str | Path, step: int) -> None:
+        """A PNG (validation images) to TensorBoard and wandb; metrics.jsonl records its path in the eval line."""
+        if not self.enabled or (self._tb is None and self._wandb is None):
+            return
+        if self._tb is not None:
+            import numpy as np
+            from PIL import Image
+
+            with Image.open(path) as im:
+                self._tb.add_image(tag, np.asarray(im.convert("RGB")), step, dataformats="HWC")
+            self._tb.flush()
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({tag: wandb.Image(str(path))}, step=step)
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()

@@ -37,7 +37,7 @@ from . import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IGNORED", "config_diff", "plan_resume", "training_config"]
+__all__ = ["IGNORED", "check_free_space", "config_diff", "estimate_output_bytes", "plan_resume", "training_config"]
 
 # Keys that do not change what is trained (weights, data order, random streams) — where and how often the run
 # writes, logs and evaluates (evaluation runs under a forked RNG, so it never shifts training's stream), and how
@@ -46,6 +46,7 @@ __all__ = ["IGNORED", "config_diff", "plan_resume", "training_config"]
 IGNORED = frozenset({
     "run.output_dir", "run.resume", "run.overwrite", "run.progress", "run.report_to", "run.log_every",
     "run.eval_every", "run.eval_batches", "run.save_every", "run.keep_last", "run.save_final",
+    "run.check_disk_space",
 })
 
 
@@ -128,3 +129,48 @@ def plan_resume(cfg: TrainConfig, *, announce: bool = False, clean: bool = False
     log.warning("resuming from %s under a different config (run.resume=%s): %s", path, r.resume, listing)
     _say(f"resuming from {path} (step {state.get('global_step')}) under a changed config: {listing}", announce)
     return path
+
+
+# Optimizer state bytes per trainable parameter: AdamW's two fp32 moments; bitsandbytes' 8-bit AdamW two bytes;
+# Adafactor's factored second moment and SGD's momentum buffer counted at one fp32 value (upper bounds).
+_OPTIM_BYTES = {"adamw": 8, "adamw_8bit": 2, "adafactor": 4, "sgd": 4}
+
+
+def estimate_output_bytes(cfg: TrainConfig, model) -> dict[str, int]:
+    """What the run will write, from the built model: each checkpoint holds every weight of the model (accelerate's
+    ``save_state``, frozen LoRA bases included) plus the optimizer state of the trainable ones; at most
+    ``keep_last + 1`` live at once while a new one is written before the oldest is pruned, and one of the final
+    state is kept until the export succeeds; the final model holds the weights again. Logs, configs and caches
+    are not counted (small next to these)."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values() if hasattr(t, "element_size"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    checkpoint = weights + trainable * _OPTIM_BYTES.get(cfg.optim.name, 8)
+    copies = (cfg.run.keep_last + 1 if cfg.run.save_every > 0 else 0) + 1
+    parts = {"checkpoints": copies * checkpoint}
+    if cfg.run.save_final:
+        parts["final model"] = weights
+    return parts
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.3g} GiB" if n >= 2**27 else f"{n / 2**20:.3g} MiB"
+
+
+def check_free_space(cfg: TrainConfig, model) -> None:
+    """Refuse to start when the filesystem of ``run.output_dir`` has less free space than
+    :func:`estimate_output_bytes` (so that a long run does not die at its first checkpoint or final save): one
+    ConfigError naming the path, both sizes and the fixes. ``run.check_disk_space=false`` skips it."""
+    if not cfg.run.check_disk_space or model is None:
+        return
+    out = Path(cfg.run.output_dir)
+    free = shutil.disk_usage(out if out.exists() else out.parent).free
+    parts = estimate_output_bytes(cfg, model)
+    need = sum(parts.values())
+    if free >= need:
+        return
+    detail = " + ".join(f"{k} {_gib(v)}" for k, v in parts.items())
+    raise ConfigError(
+        f"run.output_dir={str(out)!r}: its filesystem has {_gib(free)} free, but this run will write about "
+        f"{_gib(need)} ({detail}); fix: free space there or pick run.output_dir on a larger disk, keep fewer "
+        f"checkpoints (run.keep_last={cfg.run.keep_last}, or run.save_every=0 for only the final model), or train a "
+        "LoRA adapter (lora.enabled=true); run.check_disk_space=false starts anyway")

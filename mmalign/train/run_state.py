@@ -107,6 +107,7 @@ class Run:
     model: Any = None  # the prepared (possibly sharded) policy of the current stage
     stage: Any = None  # the current Stage (the final save checkpoints the state before exporting)
     saved_at: Path | None = None  # the checkpoint of the current state: the last one saved or resumed from
+    validation: Any = None  # mmalign.train.evaluate.Validation when run.eval_prompts is set
     t0: float = field(default_factory=time.time)
 
     @property

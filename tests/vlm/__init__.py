@@ -1,0 +1,1 @@
+"""Vision-language LMs on images and video: rows, media and the model family."""
