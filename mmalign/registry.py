@@ -100,7 +100,9 @@ _ROWS = [
         "vlm", "vision-language LMs on images and video (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, LLaVA-NeXT-Video): "
         "the preference losses on TRL / ms-swift / TEMPLE rows", "mmalign.methods.vlm:VLMTask",
         extras=("vision", "video"), section="vlm", section_schema="mmalign.schema_vlm:VLMConfig",
-        commands={"sample vlm": "mmalign.cli.vlm:sample_vlm"},
+        commands={"sample vlm": "mmalign.cli.vlm:sample_vlm",
+                  "temple-pairs-vlm": "mmalign.cli.temple_vlm:temple_pairs_vlm"},
+        demos={"temple": "mmalign.demos.temple:run"},
     ),
     Modality(
         "av", "audio-visual slow/fast contrastive encoder (SF-CAVP-style, MultiSoundGen): CAVP inter/intra/temporal "
@@ -111,7 +113,7 @@ _ROWS = [
         "v2a", "video-to-audio flow-matching generators (MMAudio-style, diffusers audio DiT/VAE/vocoder): flow "
         "matching (sft), flow DPO, NPO, KTO, Plackett-Luce", "mmalign.methods.v2a:V2ATask",
         extras=("diffusion", "video", "audio"), section="v2a", section_schema="mmalign.schema_v2a:V2AConfig",
-        commands={"sample v2a": "mmalign.cli.v2a:sample_v2a"},
+        commands={"sample v2a": "mmalign.cli.v2a:sample_v2a"}, demos={"v2a": "mmalign.demos.v2a:run"},
     ),
 ]
 MODALITIES: dict[str, Modality] = {row.name: row for row in _ROWS}

@@ -323,6 +323,17 @@ def test_family_defects_are_clean_errors(config, overrides, needles, family_ckpt
     _check(_train(config, *overrides(family_ckpts), out=tmp_path / "out"), needles)
 
 
+def test_diffusion_tiny_keys_match_the_builder():
+    """schema_diffusion.TINY_SIZES (checked at config load) names exactly the builder's size arguments."""
+    import inspect
+
+    from mmalign.adapters.diffusion_build import TINY_KEYS
+    from mmalign.models.diffusion_tiny import build_tiny_components
+    from mmalign.schema_diffusion import TINY_SIZES
+
+    assert set(TINY_SIZES) == set(TINY_KEYS) <= set(inspect.signature(build_tiny_components).parameters)
+
+
 # -------------------------------------------------------------------------------------------- seeded schema walk
 
 
@@ -413,7 +424,8 @@ def test_too_little_free_space_is_refused_before_training(tmp_path, monkeypatch)
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr("mmalign.train.output_guard.shutil.disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
     out = _train(TEXT, "run.save_every=1", out=tmp_path / "o")
-    _check(out, [f"run.output_dir='{tmp_path / 'o'}'", "1000", "free", "run.keep_last", "run.check_disk_space=false"])
+    _check(out, [f"run.output_dir='{tmp_path / 'o'}'", "has 1000 B free", "MiB", "run.keep_last",
+                 "run.check_disk_space=false"])
     assert not list((tmp_path / "o").glob("checkpoint-*")) and not (tmp_path / "o" / "final").exists()
 
 

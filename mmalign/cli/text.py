@@ -34,18 +34,16 @@ def sample_text(
     if not prompts:
         typer.echo("error: give --prompt or --prompts-file", err=True)
         raise typer.Exit(2)
-    try:
-        tok = set_chat_template(load_tokenizer(model), chat_template, where="--chat-template")
+    def side(path: str) -> list[str]:
+        tok = set_chat_template(load_tokenizer(path), chat_template, where="--chat-template")
+        return generate(load_causal_lm(path), tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                        seed=seed, chat=chat).completions
+
+    try:  # a bad checkpoint (ModelLoadError) or template is one error line, not a traceback
+        columns = {"model": side(model), **({"reference": side(reference)} if reference else {})}
     except ConfigError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
-    columns = {"model": generate(load_causal_lm(model), tok, prompts, max_new_tokens=max_new_tokens,
-                                 temperature=temperature, seed=seed, chat=chat).completions}
-    if reference:
-        ref_tok = set_chat_template(load_tokenizer(reference), chat_template, where="--chat-template")
-        columns["reference"] = generate(load_causal_lm(reference), ref_tok, prompts,
-                                        max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                                        chat=chat).completions
     rows = [{"prompt": p, **{k: v[i] for k, v in columns.items()}} for i, p in enumerate(prompts)]
     for r in rows:
         typer.echo(f"> {r['prompt']!r}")

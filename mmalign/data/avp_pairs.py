@@ -48,7 +48,7 @@ def video_key(frames: Tensor) -> str:
 
 
 class CandidateCache:
-    """Generated waves on disk, one ``.pt`` file per (model hash, video key, seed): ``<root>/<model>/<video>_<seed>.pt``.
+    """Generated waves on disk, one ``.pt`` per (model hash, video key, seed): ``<root>/<model>/<video>_<seed>.pt``.
 
     Files are written to a temporary name and renamed, so an interrupted write never leaves a truncated entry that
     a resumed round would read. ``hits``/``misses`` count lookups (tests and the benchmark read them)."""

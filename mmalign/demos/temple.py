@@ -45,7 +45,7 @@ AFTER = "What did the shape do after moving {}?"
 DIRS = ("left", "right", "up", "down")
 TINY = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 128,
         "vision_hidden_size": 32, "vision_layers": 1, "vision_heads": 2, "image_size": 16, "patch_size": 4}
-FRAMES, SIZE, MOVES = 16, 16, 3
+FRAMES, SIZE, MOVES, SHAPE = 16, 24, 2, 12
 
 
 def _videos(folder: Path, seeds: list[int]) -> list[tuple[Path, object]]:
@@ -53,7 +53,7 @@ def _videos(folder: Path, seeds: list[int]) -> list[tuple[Path, object]]:
 
     out = []
     for s in seeds:
-        v = moving_shape_video(FRAMES, SIZE, seed=s, n_segments=MOVES, shape="square")
+        v = moving_shape_video(FRAMES, SIZE, seed=s, n_segments=MOVES, shape="square", shape_size=SHAPE)
         path = folder / f"v{s}.mp4"
         if not path.is_file():
             write_video(path, v.frames, fps=8)

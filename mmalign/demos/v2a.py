@@ -32,7 +32,7 @@ from .v2a_metrics import before_after_plot, detect_onsets, mel_stat_distance, sp
 
 __all__ = ["SEEDS", "run"]
 
-SEEDS = SeedSpec(fast={"sft_steps": 40, "cavp_steps": 40, "rpo_steps": 8, "rounds": 2, "n_train": 8, "n_eval": 6},
+SEEDS = SeedSpec(fast={"sft_steps": 100, "cavp_steps": 40, "rpo_steps": 8, "rounds": 2, "n_train": 8, "n_eval": 6},
                  metrics={"reward_before": "reward.before", "reward_after": "reward.after",
                           "independent_before": "independent.before", "independent_after": "independent.after",
                           "mel_distance_before": "mel_distance.before", "mel_distance_after": "mel_distance.after"},
@@ -130,9 +130,9 @@ def measure(model_dir: Path, rows: Path, reward_dir: Path, independent_dir: Path
 
 
 def run(out_dir: str | Path = "outputs/demo/v2a", *, seed: int = 0, n_train: int = 16, n_eval: int = 8,
-        sft_steps: int = 60, cavp_steps: int = 60, rpo_steps: int = 15, rounds: int = 3, num_candidates: int = 4,
+        sft_steps: int = 150, cavp_steps: int = 60, rpo_steps: int = 15, rounds: int = 3, num_candidates: int = 4,
         pairing: str = "best_worst", beta: float = 100.0, rpo_lr: float = 3e-4, eval_seeds: int = 2,
-        sample_steps: int = 10, guidance: float = 3.0) -> dict:
+        sample_steps: int = 10, guidance: float = 3.0, sft_lr: float = 3e-3) -> dict:
     """One seed of the demo (module docstring); ``report.json`` etc. in ``out_dir``."""
     from ..data.synthetic_av import write_synthetic_av
 
@@ -150,8 +150,8 @@ def run(out_dir: str | Path = "outputs/demo/v2a", *, seed: int = 0, n_train: int
 
     base = {"modality": "v2a", "v2a": {**V2A, "steps": sample_steps, "guidance_scale": guidance}}
     _train({**base, "model": {"name_or_path": "tiny", "tiny": TINY}, "data": {"train": [str(train_rows)]},
-            "loss": {"name": "sft"}, "optim": {"lr": 1e-3, "scheduler": "constant"},
-            "run": _run_cfg(out / "sft", seed, sft_steps, 4)})
+            "loss": {"name": "sft"}, "optim": {"lr": sft_lr, "scheduler": "constant"},
+            "run": _run_cfg(out / "sft", seed, sft_steps, 8)})
     timings["sft_s"] = round(time.time() - t0 - timings["encoders_s"], 1)
     stages = [{"name": f"round{r + 1}", "max_steps": rpo_steps, "reanchor_reference": r > 0} for r in range(rounds)]
     t1 = time.time()
@@ -185,7 +185,8 @@ def run(out_dir: str | Path = "outputs/demo/v2a", *, seed: int = 0, n_train: int
            for k in ("reward", "independent", "mel_distance", "silent_fraction")},
         "rounds": rounds_info, "steps": [s.get("steps") for s in summary["stages"]],
         "settings": {"seed": seed, "n_train": n_train, "n_eval": n_eval, "sft_steps": sft_steps,
-                     "cavp_steps": cavp_steps, "rpo_steps": rpo_steps, "rounds": rounds, "K": num_candidates,
+                     "sft_lr": sft_lr, "cavp_steps": cavp_steps, "rpo_steps": rpo_steps, "rounds": rounds,
+                     "K": num_candidates,
                      "pairing": pairing, "beta": beta, "rpo_lr": rpo_lr, "eval_seeds": seeds,
                      "sample_steps": sample_steps, "guidance": guidance},
         "plots": [grid.name, plot.name], "timings": {**timings, "total_s": round(time.time() - t0, 1)},

@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 __all__ = ["before_after_plot", "detect_onsets", "mel_stat_distance", "spectrogram_grid", "sync_error"]

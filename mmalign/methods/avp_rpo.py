@@ -259,10 +259,12 @@ class AVPRPOTask(V2ATask):
         self._round_models[round_idx] = gen_key
         rewards = self.reward(torch.stack(reward_frames), waves)
         o = self.options
-        examples = round_examples(rewards, pairing=o.pairing, margin=o.margin, max_pairs_per_video=o.max_pairs_per_video)
+        examples = round_examples(rewards, pairing=o.pairing, margin=o.margin,
+                                  max_pairs_per_video=o.max_pairs_per_video)
         n_pairs = sum(len(e.pairs) for e in examples)
-        self.round_stats[round_idx] = {"reward_mean": float(rewards.mean()), "reward_best": float(rewards.amax(1).mean()),
-                                       "pairs": n_pairs, "videos_without_pair": sum(not e.pairs for e in examples)}
+        self.round_stats[round_idx] = {"reward_mean": float(rewards.mean()),
+                                       "reward_best": float(rewards.amax(1).mean()), "pairs": n_pairs,
+                                       "videos_without_pair": sum(not e.pairs for e in examples)}
         log.info("avp_rpo round %d: %s", round_idx, self.round_stats[round_idx])
         return waves, examples
 

@@ -44,7 +44,7 @@ from ..data.temple import TEMPLE_MAGNITUDES, VideoResponses
 from ..models.vlm import QWEN, VLMInputs
 
 __all__ = ["DESCRIBE", "PixelVideo", "batched_generate", "generate_pixel_responses", "load_pixel_videos",
-           "perturb_frames"]
+           "perturb_frames", "write_pixel_pairs"]
 
 DESCRIBE = "Describe what happens in the video, in the order it happens."
 UNITS = ("frame", "clip")
@@ -221,8 +221,10 @@ def write_pixel_pairs(responses: Sequence[VideoResponses], out_dir: str | Path, 
     ``swift``) and ``stages.yaml``. Rows carry the generation ``instruction`` as their prompt (the pair is what the
     model said to it). Returns the stats of :func:`~mmalign.data.temple.build_temple_pairs` with the paths.
 
+    Magnitudes left with no pairs are dropped from the stages and listed under ``empty_magnitudes``.
+
     Raises:
-        DataError: no pairs survive the filters for some magnitude (the message lists the counts).
+        DataError: no pair survives the filters at all (the message lists the counts).
     """
     import yaml
 
@@ -240,10 +242,16 @@ def write_pixel_pairs(responses: Sequence[VideoResponses], out_dir: str | Path, 
                 out / "responses.jsonl")
     rows, stats = build_temple_pairs(responses, seed=seed, instructions=(instruction,))
     pairs_file = write_jsonl(rows, out / "pairs.jsonl")
-    stages = magnitude_stages({m: [r for r in rows if r["magnitude"] == m] for m in magnitudes}, out, magnitudes)
+    by_mag = {m: [r for r in rows if r["magnitude"] == m] for m in magnitudes}
+    kept = [m for m in magnitudes if by_mag[m]]
+    if not kept:
+        raise DataError(f"no TEMPLE pair survived the filters ({stats}); fix: sample the responses with a higher "
+                        "temperature, more max_new_tokens, or a model that describes the videos")
+    # a magnitude with no pairs is left out of the curriculum (and reported), not fatal: the others still train
+    stages = magnitude_stages(by_mag, out, kept)
     (out / "stages.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
-    result = {"out": str(out), "pairs_file": str(pairs_file), "stages_file": str(out / "stages.yaml"), **stats}
+    result = {"out": str(out), "pairs_file": str(pairs_file), "stages_file": str(out / "stages.yaml"),
+              "magnitudes": kept, "empty_magnitudes": [m for m in magnitudes if not by_mag[m]], **stats}
     if swift:
-        result["swift_files"] = [str(write_swift_video_dpo([r for r in rows if r["magnitude"] == m],
-                                                           out / f"temple_r{m}.json")) for m in magnitudes]
+        result["swift_files"] = [str(write_swift_video_dpo(by_mag[m], out / f"temple_r{m}.json")) for m in kept]
     return result

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import ModelFileError, ModelLoadError
+from ..config import ConfigError, ModelFileError, ModelLoadError
 
 __all__ = ["check_finite", "check_weight_files", "hub_error", "incomplete_hint", "loading", "lora_targets_error"]
 
@@ -90,9 +90,7 @@ def loading(path: str | Path, what: str = "checkpoint") -> Iterator[None]:
 
     try:
         yield
-    except ModelLoadError:
-        raise
-    except torch.OutOfMemoryError:
+    except (ConfigError, torch.OutOfMemoryError):  # already a clean error; out of memory is no file problem
         raise
     except (OSError, SafetensorError, EOFError, pickle.UnpicklingError, json.JSONDecodeError, UnicodeDecodeError,
             KeyError, ValueError, RuntimeError) as err:

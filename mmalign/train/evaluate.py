@@ -183,8 +183,7 @@ class Validation:
         folder = run.out_dir / "validation"
         folder.mkdir(parents=True, exist_ok=True)
         dev = run.accelerator.device
-        if True:
-            torch.manual_seed(123)
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             result = getattr(self, VALIDATORS[self.cfg.modality][0])(run, stage, folder)
         return {f"validation/{k}": float(v) for k, v in result.items() if isinstance(v, (int, float))}
 

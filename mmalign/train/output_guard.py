@@ -153,7 +153,13 @@ def estimate_output_bytes(cfg: TrainConfig, model) -> dict[str, int]:
 
 
 def _gib(n: float) -> str:
-    return f"{n / 2**30:.3g} GiB" if n >= 2**27 else f"{n / 2**20:.3g} MiB"
+    if n < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if n < 1024 or unit == "TiB":
+            return f"{n:.3g} {unit}"
+    return ""
 
 
 def check_free_space(cfg: TrainConfig, model) -> None:

@@ -67,7 +67,7 @@ FULL = dict(steps=7, batch=4, image=64, prompt_words=24, completion_words=24, vo
 QUICK = dict(steps=4, batch=2, image=16, prompt_words=4, completion_words=4, vocab=300, hidden=32, layers=1,
              heads=2, kv_heads=1, intermediate=64, vision_hidden=32, vision_layers=1, vision_heads=2, frames=4,
              video_size=16)
-VARIANTS = ("trl", "mmalign", "mmalign_frozen_vision", "video_mmalign", "video_naive")
+VARIANTS = ("trl", "mmalign", "trl_frozen_vision", "mmalign_frozen_vision", "video_mmalign", "video_naive")
 DEFAULT_VARIANTS = ("trl", "mmalign", "video_mmalign", "video_naive")
 BETA, LR, SEED, PATCH = 0.1, 1e-6, 0, 4
 WORDS = ("red green blue dot square circle moves left right up down the a image video frame shows what which "
@@ -152,7 +152,7 @@ def _trl_rows(path: str) -> list[dict]:
     return rows
 
 
-def run_trl(spec: dict) -> dict:
+def run_trl(spec: dict, frozen_vision: bool = False) -> dict:
     import datasets
     import torch
     from transformers import AutoProcessor, TrainerCallback
@@ -169,15 +169,24 @@ def run_trl(spec: dict) -> dict:
         def on_step_begin(self, args, state, control, **kwargs):
             marks.append((time.perf_counter(), time.process_time()))
 
-    args = DPOConfig(output_dir=str(Path(spec["workdir"]) / "trl"), per_device_train_batch_size=B, max_steps=steps,
+    init = {"dtype": "float32", "attn_implementation": "sdpa"}
+    args = DPOConfig(output_dir=str(Path(spec["workdir"]) / ("trl_frozen" if frozen_vision else "trl")),
+                     per_device_train_batch_size=B, max_steps=steps,
                      learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
                      max_grad_norm=1.0, beta=BETA, loss_type=["sigmoid"], max_length=1024,
                      precompute_ref_log_probs=False, bf16=False, gradient_checkpointing=False, use_cpu=True,
                      report_to=[], logging_steps=1, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
-                     seed=SEED, model_init_kwargs={"dtype": "float32", "attn_implementation": "sdpa"})
+                     seed=SEED, model_init_kwargs=None if frozen_vision else init)
     t0 = time.perf_counter()
     processor = AutoProcessor.from_pretrained(spec["model_dir"])
-    trainer = DPOTrainer(model=spec["model_dir"], args=args, train_dataset=datasets.Dataset.from_list(
+    model = spec["model_dir"]
+    if frozen_vision:  # what a TRL user does to freeze it: load the model, freeze, pass the instance
+        from transformers import Qwen2VLForConditionalGeneration
+
+        model = Qwen2VLForConditionalGeneration.from_pretrained(spec["model_dir"], dtype=torch.float32,
+                                                                attn_implementation="sdpa")
+        model.model.visual.requires_grad_(False)  # mmalign's freeze_vision_tower + freeze_projector
+    trainer = DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(
         _trl_rows(spec["data"])), processing_class=processor, callbacks=[StepTimer()])
     setup_s = time.perf_counter() - t0
 
@@ -272,7 +281,10 @@ def child_main(variant: str, spec_path: str, out_path: str) -> None:
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    result = run_trl(spec) if variant == "trl" else run_mmalign(spec, variant)
+    if variant.startswith("trl"):
+        result = run_trl(spec, frozen_vision=variant == "trl_frozen_vision")
+    else:
+        result = run_mmalign(spec, variant)
     result["peak_rss_gb"] = _rss_gb()
     result["threads"] = torch.get_num_threads()
     Path(out_path).write_text(json.dumps(result))
@@ -361,13 +373,14 @@ def run(shape: dict, *, variants: tuple[str, ...] = DEFAULT_VARIANTS, threads: i
     report.update({v: _summary(results[v]) for v in image_sides})
     if "mmalign" in report and "trl" in report:
         _ratios(report, "mmalign", "trl")
-    if "mmalign_frozen_vision" in report and "trl" in report:
-        _ratios(report, "mmalign_frozen_vision", "trl", "frozen_vision_")
+    if "mmalign_frozen_vision" in report and "trl_frozen_vision" in report:
+        _ratios(report, "mmalign_frozen_vision", "trl_frozen_vision", "frozen_vision_")
     report["step0_loss"] = {v: round(results[v]["probe"]["loss"], 7) for v in image_sides}
-    if "trl" in results:
-        others = [v for v in image_sides if v != "trl"]
+    trl = [v for v in image_sides if v.startswith("trl")]
+    if trl:
+        others = [v for v in image_sides if v not in trl]
         if others:
-            diffs = [_max_diff(results[v], results["trl"]) for v in others]
+            diffs = [_max_diff(results[v], results[t]) for v in others for t in trl]
             report["step0_loss_max_abs_diff"] = max(d[0] for d in diffs)
             report["step0_logps_max_abs_diff"] = max(d[1] for d in diffs)
     if "video_mmalign" in results and "video_naive" in results:

@@ -95,3 +95,12 @@ def test_sample_text_chat_template_option(tmp_path, monkeypatch):
     bad = CliRunner().invoke(app, ["sample", "text", "--model", str(model_dir), "--prompt", "x", "--chat",
                                    "--chat-template", "missing.jinja"])
     assert bad.exit_code == 2 and "neither a Jinja template" in bad.output
+
+
+def test_sample_text_bad_checkpoint_is_one_error_line(tmp_path):
+    from mmalign.cli import app
+
+    (tmp_path / "empty").mkdir()
+    for model in (tmp_path / "missing", tmp_path / "empty"):
+        res = CliRunner().invoke(app, ["sample", "text", "--model", str(model), "--prompt", "x"])
+        assert res.exit_code == 2 and res.output.startswith("error: ") and "Traceback" not in res.output, res.output

@@ -198,7 +198,8 @@ def test_precomputed_reference_with_fixed_noise(tmp_path):
 @pytest.mark.parametrize("sections,match", [
     ({"loss": {"name": "npo_diffusion"}, "diffusion": {"reverse_preferences": True}}, "reversed twice"),
     ({"loss": {"name": "wrong"}}, "not a diffusion method"),
-    ({"model": {"name_or_path": "tiny", "tiny": {"hidden_size": 8}}}, "model.tiny has unknown keys"),
+    ({"model": {"name_or_path": "tiny", "tiny": {"hidden_size": 8}}},
+     "model.tiny.hidden_size: unknown key for a tiny diffusion model"),
     ({"loss": {"name": "kto"}}, "needs \\['unpaired'\\] data"),
 ])
 def test_config_errors(tmp_path, sections, match):

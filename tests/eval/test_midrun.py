@@ -14,7 +14,7 @@ from mmalign.config import ConfigError
 from mmalign.train.metrics_log import read_metrics
 from tests.train.conftest import config
 
-PROMPTS = ["add: 3 4 =", "add: 10 2 =", "add: 7 7 ="]
+PROMPTS = ["add: 3 4 =", "add: 10 2 ="]
 SHAPES = ["a red circle on a black background", "a blue square on a white background"]
 
 
@@ -86,17 +86,18 @@ def test_diffusion_run_writes_validation_images_to_disk_and_tensorboard(tmp_path
     assert printed and str(png) in printed[0] and "validation/reward=" in printed[0]
 
 
-def test_validation_leaves_training_unchanged(tmp_path):
+def test_validation_leaves_training_unchanged(data_dir, tokenizer_dir, tmp_path):
     """Sampling runs under a forked RNG: the losses of a run that validates every step equal those of one that
-    does not (diffusion training draws its noise and timesteps from the RNG)."""
-    from tests.diffusion import tiny_config
-
+    does not (LoRA dropout draws from the RNG at every training step, and generation draws from it too)."""
     losses = {}
-    for name, run in (("plain", {}), ("validated", {"eval_every": 1, "eval_prompts": SHAPES[:1],
-                                                    "eval_generation": {"steps": 1}})):
-        train(load_train_config(tiny_config(tmp_path / name, run={"max_steps": 3, **run})))
+    for name, run in (("plain", {}), ("validated", {"eval_every": 1, "eval_prompts": PROMPTS[:1],
+                                                    "eval_generation": {"max_new_tokens": 3}})):
+        cfg = config(tmp_path / name, [data_dir / "pairs.jsonl"], tokenizer=tokenizer_dir,
+                     lora={"enabled": True, "r": 4, "alpha": 8, "dropout": 0.5}, optim={"lr": 5e-2},
+                     run={"max_steps": 3, **run})
+        train(cfg)
         losses[name] = [r["loss"] for r in read_metrics(tmp_path / name) if "loss" in r and "event" not in r]
-    assert (tmp_path / "validated" / "validation" / "step_1.png").is_file()
+    assert (tmp_path / "validated" / "validation" / "step_1.jsonl").is_file()
     assert losses["validated"] == losses["plain"] and len(losses["plain"]) == 3
 
 
