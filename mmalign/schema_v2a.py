@@ -88,11 +88,11 @@ class V2AConfig:
         errs = []
         if self.sample_rate < 1:
             errs.append(f"sample_rate={self.sample_rate} must be >= 1")
-        if not self.duration > 0:
-            errs.append(f"duration={self.duration} must be > 0 seconds")
-        if not self.fps > 0:
-            errs.append(f"fps={self.fps} must be > 0")
-        elif self.duration > 0 and int(self.duration * self.fps + 1e-9) < 1:
+        if not 0 < self.duration <= 3600:  # also refuses nan and inf (int(inf * fps) below would overflow)
+            errs.append(f"duration={self.duration} must lie in (0, 3600] seconds")
+        if not 0 < self.fps <= 1000:
+            errs.append(f"fps={self.fps} must lie in (0, 1000]")
+        elif 0 < self.duration <= 3600 and int(self.duration * self.fps + 1e-9) < 1:
             errs.append(f"duration={self.duration} s at fps={self.fps} gives no conditioning frame")
         bad = sorted(set(self.mel) - set(MEL_KEYS))
         if bad:

@@ -116,14 +116,18 @@ def demo(
 
 
 def _demo_help() -> str:
-    """``mmalign demo --help``: one line per demo with its measured run time (``\b`` keeps click's line breaks)."""
+    """``mmalign demo --help``: one line per demo with its measured effect and run times (``\\b`` keeps click's line
+    breaks)."""
     lines = []
     for name in DEMOS:
-        what, fast, full = SUMMARY.get(name, ("(no summary)", 0, 0))
-        lines.append(f"{name}: {what}. Fast default (3 seeds) ~{fast:.0f} s; --full ~{full:.0f} s per seed.")
-    return (f"{demo.__doc__}\n\n\b\n" + "\n".join(lines) + "\n\nTimes: 2-core CPU, one thread; every demo writes "
-            "OUT/NAME/report.json (before/after = means over seeds, per_seed, before_spread/after_spread), "
-            "report.md, seeds.png and seed{k}/ with each seed's own report.")
+        what, effect, fast, full = SUMMARY.get(name, ("(no summary)", None, None, None))
+        times = f"fast ~{fast:.0f} s" if fast else "fast: not timed"
+        times += f", --full ~{full:.0f} s per seed" if full else ", --full: not timed"
+        lines.append(f"{name}: {what}. " + (f"--full, 3 seeds: {effect}. " if effect else "") + times + ".")
+    return (f"{demo.__doc__}\n\n\b\n" + "\n".join(lines) + "\n\nEffects: mean ± std over seeds 0-2. Times: 2-core "
+            "CPU, one thread; the fast default (3 seeds) includes imports. Every demo writes OUT/NAME/report.json "
+            "(before/after = means over seeds, per_seed, before_spread/after_spread), report.md, seeds.png and "
+            "seed{k}/ with each seed's own report.")
 
 
 demo.__doc__ = _demo_help()

@@ -46,7 +46,13 @@ def _text_reward(spec: str | None):
 
     if spec is None:
         return None
-    return ModelReward(spec) if Path(spec).expanduser().is_dir() else load_reward_fn(spec)
+    from ..config import ConfigError
+    from ..train.evaluate import reward_message
+
+    try:
+        return ModelReward(spec) if Path(spec).expanduser().is_dir() else load_reward_fn(spec)
+    except ConfigError as err:
+        raise ConfigError([f"--reward {spec}: {reward_message(e)}" for e in err.errors]) from None
 
 
 def eval_text(

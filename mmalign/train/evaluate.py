@@ -107,6 +107,11 @@ def _image_reward(spec: str):
     return load_image_reward(spec)
 
 
+def reward_message(message: str) -> str:
+    """The reward loaders' messages name the online recipes' key; here the value came from run.eval_reward."""
+    return message.replace("options.reward_fn=", "the reward ").replace("options.reward_model=", "the reward ")
+
+
 # modality -> (its sampling validation, its reward loader); a modality missing here cannot set run.eval_prompts
 VALIDATORS: dict[str, tuple[str, Any]] = {"text": ("_validate_text", _text_reward),
                                           "diffusion": ("_validate_diffusion", _image_reward)}
@@ -143,7 +148,8 @@ class Validation:
             try:
                 self.reward_fn = VALIDATORS[cfg.modality][1](rc.eval_reward)
             except (ConfigError, ImportError, OSError, ValueError) as err:
-                errs.append(f"run.eval_reward={rc.eval_reward!r}: {err}")
+                errs += [f"run.eval_reward={rc.eval_reward!r}: {reward_message(m)}" for m in
+                         (err.errors if isinstance(err, ConfigError) else [str(err)])]
         if errs:
             raise ConfigError(errs)
 
@@ -250,6 +256,10 @@ class Validation:
         return {k: v for k, v in result.items() if k not in ("per_seed", "rewards", "n_images")}
 
 
+# The console line's metrics (with every validation/* mean); a family's other metrics go to the logs only.
+_SHOWN = ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/rewards/chosen")
+
+
 def run_evaluation(run: Run, stage: Stage) -> dict:
     """The evaluation at the current step: :func:`evaluate` on the stage's eval set plus the sampling validation
     (``run.validation``), logged as one record and printed as one line. Returns the stage's latest results."""
@@ -267,7 +277,8 @@ def run_evaluation(run: Run, stage: Stage) -> dict:
     if new and run.accelerator.is_main_process:
         from tqdm.auto import tqdm
 
-        shown = " ".join(f"{k}={v:.4g}" for k, v in new.items() if not k.endswith("_std"))
+        keys = [k for k in new if k in _SHOWN or (k.startswith("validation/") and not k.endswith("_std"))]
+        shown = " ".join(f"{k}={new[k]:.4g}" for k in keys or new)  # every metric stays in metrics.jsonl
         where = validation.written if validation is not None else None
         tqdm.write(f"[eval] step {state.global_step} (stage {stage.config.name}): {shown}"
                    + (f" -> {where}" if where else ""))

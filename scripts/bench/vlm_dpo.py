@@ -21,8 +21,11 @@ peak RSS (``ru_maxrss``) is its own:
   ``reference.strategy=copy`` (a live frozen copy, like TRL) and the whole model trained, vision tower and
   merger included (``vlm.freeze_vision_tower=false``, ``vlm.freeze_projector=false``; TRL trains every weight).
   Media are encoded once per example per pass and the prompt KV cache is shared by chosen and rejected.
-- ``mmalign_frozen_vision`` (optional, not in the ratios): mmalign's defaults (vision tower and merger frozen),
-  where the reference pass also reuses the policy's visual features.
+- ``trl_frozen_vision`` / ``mmalign_frozen_vision`` (ratios under ``frozen_vision_*``): the vision tower and
+  merger frozen, mmalign's default (TEMPLE / ms-swift ``freeze_vit``); TRL gets the model loaded, its ``visual``
+  frozen and passed as an instance (TRL builds its reference from the same directory). mmalign then encodes each
+  batch's media once for both passes (frozen features shared with the reference); TRL still runs the tower on
+  every ``[prompt; completion]`` row of both passes, only its backward is skipped.
 - ``video_mmalign`` / ``video_naive``: the same loop (``mmalign.train``, same model, video rows) with the
   family's scorer, or with :func:`mmalign.adapters.vlm.score_candidates_naive` put in ``task.score`` (one full
   ``model(...)`` forward per candidate, its own video encoding, full-vocabulary logits; policy and reference).
@@ -68,7 +71,7 @@ QUICK = dict(steps=4, batch=2, image=16, prompt_words=4, completion_words=4, voc
              heads=2, kv_heads=1, intermediate=64, vision_hidden=32, vision_layers=1, vision_heads=2, frames=4,
              video_size=16)
 VARIANTS = ("trl", "mmalign", "trl_frozen_vision", "mmalign_frozen_vision", "video_mmalign", "video_naive")
-DEFAULT_VARIANTS = ("trl", "mmalign", "video_mmalign", "video_naive")
+DEFAULT_VARIANTS = VARIANTS
 BETA, LR, SEED, PATCH = 0.1, 1e-6, 0, 4
 WORDS = ("red green blue dot square circle moves left right up down the a image video frame shows what which "
          "colour shape where is in of and to small large bright dark top bottom corner centre").split()

@@ -91,8 +91,8 @@ def test_every_demo_declares_settings_its_run_accepts(name):
         assert "seed" in params and params["seed"].default == 0  # seed 0 = the single-seed run the README quotes
         if spec.claim:
             assert set(spec.claim) <= {"before", "after", *spec.metrics}, (name, spec.claim)
-    what, fast, full = SUMMARY[name]
-    assert what and fast > 0 and full > 0, name
+    what, _, fast, _ = SUMMARY[name]  # the line `mmalign demo --help` prints: every demo has one, with a fast time
+    assert what and fast > 0, name
 
 
 def test_cli_options_help_and_a_deterministic_demo(tmp_path):

@@ -5,6 +5,9 @@ class (transformers / diffusers), for causal LMs (reward models too), LVLMs (LLa
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -21,23 +24,33 @@ from tests.train.conftest import config
 IDS = torch.tensor([[1, 5, 9, 17, 33, 4, 2], [1, 8, 8, 21, 40, 6, 3]])
 
 
-def _lora_run(tmp_path, data_dir, tokenizer_dir, **extra):
+def _lora_run(out, data_dir, tokenizer_dir, **extra):
     run = {"max_steps": 2, "save_final": True, "merge_lora_at_end": True}
-    cfg = config(tmp_path / "run", [data_dir / "pairs.jsonl"], tokenizer=tokenizer_dir,
+    cfg = config(out, [data_dir / "pairs.jsonl"], tokenizer=tokenizer_dir,
                  lora={"enabled": True, "r": 4, "alpha": 8}, optim={"lr": 5e-2, "scheduler": "constant"},
                  **{**extra, "run": {**run, **extra.get("run", {})}})
     return train(cfg)
 
 
+@pytest.fixture(scope="module")
+def lm_run(data_dir, tokenizer_dir, tmp_path_factory):
+    """A tiny LoRA DPO run with run.merge_lora_at_end=true: its output directory."""
+    out = tmp_path_factory.mktemp("lm") / "run"
+    _lora_run(out, data_dir, tokenizer_dir)
+    return out
+
+
 @pytest.mark.parametrize("variant", ["lm", "rm"])
-def test_text_run_writes_final_merged_equal_to_the_adapter_model(variant, data_dir, tokenizer_dir, tmp_path):
+def test_text_run_writes_final_merged_equal_to_the_adapter_model(variant, lm_run, data_dir, tokenizer_dir,
+                                                                 tmp_path):
     from transformers import AutoModelForCausalLM
 
-    extra = {"loss": {"name": "rm"}, "reference": {"strategy": "none"}} if variant == "rm" else {}
-    summary = _lora_run(tmp_path, data_dir, tokenizer_dir, **extra)
-    final, merged = tmp_path / "run" / "final", tmp_path / "run" / "final_merged"
-    assert summary["final_merged_model"] == str(merged)
-    assert (final / "adapter_config.json").is_file()
+    out = lm_run
+    if variant == "rm":
+        out = tmp_path / "run"
+        _lora_run(out, data_dir, tokenizer_dir, loss={"name": "rm"}, reference={"strategy": "none"})
+    final, merged = out / "final", out / "final_merged"
+    assert json.loads((out / "final" / "adapter_config.json").read_text())["r"] == 4
     assert not (merged / "adapter_config.json").exists() and not (merged / "base").exists()
     assert lora_keys(merged) == [] and lora_keys(final)  # the adapter's files do hold LoRA tensors
     adapter = load_causal_lm(final, value_head=variant == "rm").eval()
@@ -56,6 +69,25 @@ def test_text_run_writes_final_merged_equal_to_the_adapter_model(variant, data_d
     assert (merged / "tokenizer.json").is_file() or (merged / "tokenizer_config.json").is_file()
 
 
+def test_final_merged_loads_with_peft_not_installed(lm_run):
+    """In a fresh interpreter where ``import peft`` fails (and transformers sees no peft), the merged model
+    loads with AutoModelForCausalLM and gives the adapter model's logits."""
+    code = ("import json, sys\nsys.modules['peft'] = None  # import peft -> ImportError; find_spec -> None\n"
+            "import torch\nfrom transformers import AutoModelForCausalLM\n"
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()\n"
+            "try:\n    import peft  # noqa\n    sys.exit(3)\nexcept ImportError:\n    pass\n"
+            f"ids = torch.tensor({IDS.tolist()})\n"
+            "with torch.no_grad():\n    print(json.dumps(m(input_ids=ids).logits.tolist()))\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", code, str(lm_run / "final_merged")], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = torch.tensor(json.loads(run.stdout.strip().splitlines()[-1]))
+    with torch.no_grad():
+        want = load_causal_lm(lm_run / "final").eval()(input_ids=IDS).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
 def test_merge_at_end_is_refused_before_training_without_lora(data_dir, tokenizer_dir, tmp_path):
     cfg = config(tmp_path / "run", [data_dir / "pairs.jsonl"], tokenizer=tokenizer_dir,
                  run={"max_steps": 1, "save_final": True, "merge_lora_at_end": True})
@@ -64,9 +96,8 @@ def test_merge_at_end_is_refused_before_training_without_lora(data_dir, tokenize
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing was trained
 
 
-def test_merge_cli_merges_refuses_full_weights_and_keeps_an_existing_out(data_dir, tokenizer_dir, tmp_path):
-    _lora_run(tmp_path, data_dir, tokenizer_dir, run={"merge_lora_at_end": False})
-    final, out = tmp_path / "run" / "final", tmp_path / "merged"
+def test_merge_cli_merges_refuses_full_weights_and_keeps_an_existing_out(lm_run, tmp_path):
+    final, out = lm_run / "final", tmp_path / "merged"
     runner = CliRunner()
     res = runner.invoke(app, ["merge", str(final), "--out", str(out)])
     assert res.exit_code == 0, res.output
@@ -77,6 +108,21 @@ def test_merge_cli_merges_refuses_full_weights_and_keeps_an_existing_out(data_di
     assert res.exit_code == 2 and "needs no merge" in res.output and not (tmp_path / "again").exists()
     res = runner.invoke(app, ["merge", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "no directory" in res.output
+
+
+def test_lvlm_run_over_a_tiny_base_copies_its_already_merged_final(tmp_path):
+    """A tiny LVLM's LoRA is saved merged (its in-process base cannot be found again): final_merged/ is a copy."""
+    from mmalign.models.lvlm import load_lvlm
+    from tests.prior._tiny import config as prior_config
+    from tests.prior._tiny import write_rows
+
+    cfg = prior_config(tmp_path, write_rows(tmp_path), "prior.enabled=false", "lora.enabled=true", "lora.r=4",
+                       "run.merge_lora_at_end=true", "run.max_steps=1", lvlm="patch")
+    summary = train(cfg)
+    merged = tmp_path / "run" / "final_merged"
+    assert summary["final_merged_model"] == str(merged) and lora_keys(merged) == []
+    model = load_lvlm(merged)[0]
+    assert not hasattr(model.lm, "peft_config")
 
 
 @pytest.mark.parametrize("kind", ["patch", "llava"])
