@@ -310,7 +310,8 @@ class LVLMFamily(ModelFamily):
     def save(self, model: nn.Module, path: Path, state_dict: dict | None = None, method=None) -> None:
         """:func:`~mmalign.models.lvlm.save_lvlm`: the model with its tokenizer / processor, readable by
         ``load_lvlm``. ``state_dict``: the full weights of a sharded run (keys relative to ``model``)."""
-        save_lvlm(model, self.inputs, Path(path), state_dict=state_dict)
+        # after a stage merged LoRA into the base, the base on disk is stale: save merged weights
+        save_lvlm(model, self.inputs, Path(path), state_dict=state_dict, merged=getattr(self, "merged", False))
 
     def merge_lora(self) -> None:
         base = unwrap_lvlm(self.model)

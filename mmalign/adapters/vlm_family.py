@@ -17,7 +17,9 @@ table the family can feed (DPO and every ``loss_type``, IPO, KTO, BCO, SimPO, OR
   the candidates, M-RoPE positions from the model's own ``get_rope_index``, frozen visual features shared with
   the reference pass). KTO's mismatched pairs (prompt i, completion i−1) ride on the same prompt cache as one
   extra candidate.
-- **Save**: :func:`~mmalign.models.vlm.save_vlm` (LoRA over a tiny in-memory base is saved merged).
+- **Save**: :func:`~mmalign.models.vlm.save_vlm`: a LoRA adapter over a base on disk; full weights with the
+  adapter folded in when the base is a tiny in-memory one or earlier stages merged adapters into it
+  (``stage.merge_lora``, TEMPLE's curriculum).
 """
 
 from __future__ import annotations
@@ -228,8 +230,10 @@ class VLMFamily(ModelFamily):
 
     # -- model lifecycle ----------------------------------------------------------------------------------------
     def save(self, model: nn.Module, path: Path, state_dict: dict | None = None, method=None) -> None:
-        """:func:`~mmalign.models.vlm.save_vlm`: the model and its processor, readable by ``load_vlm``."""
-        save_vlm(model, self.inputs, Path(path), state_dict=state_dict)
+        """:func:`~mmalign.models.vlm.save_vlm`: the model and its processor, readable by ``load_vlm``. After a
+        ``stage.merge_lora`` the LoRA model is saved with every adapter folded in (full weights): the last adapter
+        alone, over the base on disk, would lose the merged stages."""
+        save_vlm(model, self.inputs, Path(path), state_dict=state_dict, merged=self.merged)
 
     def merge_lora(self) -> None:
         if not hasattr(self.model, "merge_and_unload"):

@@ -436,17 +436,18 @@ def _base_is_loadable(model: nn.Module) -> bool:
 
 
 def save_lvlm(model: nn.Module, inputs: LVLMInputs, path: str | os.PathLike, *,
-              state_dict: dict | None = None) -> Path:
+              state_dict: dict | None = None, merged: bool = False) -> Path:
     """``save_pretrained`` the model and its tokenizer/processor so that :func:`load_lvlm` reads them back.
 
     A LoRA model whose base is on disk saves only the adapter (as TRL does); one whose base was built in
-    process (tiny) is saved merged, since its base could not be found again. ``state_dict`` (keys relative
+    process (tiny), or whose earlier adapters were merged into it during the run (``merged``: stages with
+    ``merge_lora``, so the base on disk no longer describes it), is saved merged. ``state_dict`` (keys relative
     to ``model``): the gathered weights of a sharded run, written instead of the model's own.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     is_peft = hasattr(model, "peft_config") or (isinstance(model, PatchLVLM) and hasattr(model.lm, "peft_config"))
-    if is_peft and not _base_is_loadable(model):
+    if is_peft and (merged or not _base_is_loadable(model)):
         model = copy.deepcopy(model)
         if state_dict is not None:
             # The copy is of the sharded module (size-0 or wrapped parameters): it cannot take the gathered weights.

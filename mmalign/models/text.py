@@ -76,7 +76,8 @@ def tiny_llama_config(
                "intermediate_size": 128, "max_position_embeddings": 512}
     errors = [f"model.tiny.{k}={v!r} must be an integer >= 1 (e.g. {typical[k]})" for k, v in sizes.items()
               if isinstance(v, bool) or not isinstance(v, int) or v < 1]
-    known = {f.name for f in dataclasses.fields(LlamaConfig)} if dataclasses.is_dataclass(LlamaConfig) else None
+    known = ({f.name for f in dataclasses.fields(LlamaConfig)} | {"attn_implementation"}  # a from_config option
+             if dataclasses.is_dataclass(LlamaConfig) else None)
     if known is not None:  # LlamaConfig keeps unknown keyword arguments as attributes: a typo would do nothing
         options = sorted({*sizes, *known})
         errors += [f"model.tiny.{k}: unknown key for a tiny Llama{_close(k, options)}; valid: the sizes "

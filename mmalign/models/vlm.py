@@ -25,7 +25,6 @@ for a loaded checkpoint: its own template is read from its directory.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from collections.abc import Iterable
@@ -39,8 +38,8 @@ from torch import nn
 from .lvlm import unwrap_lvlm as unwrap_vlm
 from .text import _DTYPE_KWARG, DTYPES
 
-__all__ = ["ARCHS", "VLMInputs", "arch_of", "build_tiny_vlm", "build_vlm_tokenizer", "load_vlm", "save_vlm",
-           "unwrap_vlm"]
+__all__ = ["ARCHS", "VLMInputs", "arch_of", "build_tiny_vlm", "build_vlm_tokenizer", "fold_lora", "load_vlm",
+           "save_vlm", "unwrap_vlm"]
 
 ARCHS = ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "llava_next_video")
 _CLASSES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
@@ -340,18 +339,70 @@ def _base_is_loadable(model: nn.Module) -> bool:
     return bool(name) and Path(name).is_dir()
 
 
-def save_vlm(model: nn.Module, inputs: VLMInputs, path: str | os.PathLike, *, state_dict: dict | None = None) -> Path:
+_PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel (.base_model) -> the transformers model (.model)
+
+
+def fold_lora(model: nn.Module, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
+    """The full weights of a PEFT LoRA model with its active adapters folded in, W' = W + (alpha/r) B A (LoRA,
+    arXiv 2106.09685 sec. 4.1), keyed as the plain transformers model's ``state_dict`` (what ``merge_and_unload``
+    then ``state_dict`` gives), without copying the model.
+
+    ``state_dict`` (keys relative to ``model``): the gathered weights of a sharded run, folded instead of the
+    model's own; the module structure (which layers carry LoRA, their scaling) is read from ``model``. Folded
+    tensors are computed in float32 and stored on the CPU in the base weight's dtype (so saving a large model does
+    not double its device memory); the others are the model's own tensors (no copy). Linear LoRA layers fold from
+    the tensors alone; other kinds (embedding, conv) need the live weights (``state_dict=None``)."""
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+
+    gathered = state_dict is not None
+    state = dict(model.state_dict() if state_dict is None else state_dict)
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer) or module.merged:  # a merged layer's base weight holds the delta already
+            continue
+        key = f"{name}.base_layer.weight"
+        for adapter in module.active_adapters:
+            if adapter not in module.lora_A and adapter not in getattr(module, "lora_embedding_A", {}):
+                continue
+            if module.lora_variant.get(adapter) is not None or module.lora_bias.get(adapter):
+                raise ValueError(f"save_vlm: {name} carries a LoRA variant (DoRA, ...) or a LoRA bias; folding those "
+                                 "is not implemented; train plain LoRA, or save the adapter and merge it with peft")
+            if isinstance(module, LoraLinear):
+                a = state[f"{name}.lora_A.{adapter}.weight"].to(torch.float32)
+                b = state[f"{name}.lora_B.{adapter}.weight"].to(device=a.device, dtype=torch.float32)
+                delta = b @ a * module.scaling[adapter]
+                delta = delta.T if module.fan_in_fan_out else delta
+            elif not gathered:
+                delta = module.get_delta_weight(adapter).to(torch.float32)
+            else:
+                raise ValueError(f"save_vlm: {name} is a {type(module).__name__} LoRA layer; from a sharded run only "
+                                 "Linear LoRA layers can be folded (lora.target_modules: all-linear or Linear names)")
+            weight = state[key]
+            state[key] = (weight.to(device=delta.device, dtype=torch.float32) + delta).to("cpu", weight.dtype)
+    out = {}
+    for k, v in state.items():
+        if "lora_" in k or ".original_module." in k:  # the factors, and a modules_to_save layer's frozen original
+            continue
+        for adapter in model.active_adapters:
+            k = k.replace(f".modules_to_save.{adapter}.", ".")
+        out[k.removeprefix(_PEFT_PREFIX).replace(".base_layer.", ".")] = v
+    return out
+
+
+def save_vlm(model: nn.Module, inputs: VLMInputs, path: str | os.PathLike, *, state_dict: dict | None = None,
+             merged: bool = False) -> Path:
     """``save_pretrained`` the model and its processor so that :func:`load_vlm` reads them back.
 
-    A LoRA model whose base is on disk saves only the adapter; one over a base built in process (tiny) is saved
-    merged, since its base could not be found again. ``state_dict``: the gathered weights of a sharded run."""
+    A LoRA model whose base is on disk saves only the adapter. Full weights with the adapter folded in
+    (:func:`fold_lora`; the layout of a full fine-tune) are saved instead when the base cannot be found again: one
+    built in process (tiny), or, with ``merged``, one that earlier adapters were merged into (``stage.merge_lora``:
+    the base on disk no longer is the base of the last adapter, whose ``adapter_config.json`` would point at it).
+    ``state_dict`` (keys relative to ``model``): the gathered weights of a sharded run."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    if hasattr(model, "peft_config") and not _base_is_loadable(model):
-        if state_dict is not None:
-            raise ValueError("save_vlm: a LoRA model over an in-process (tiny) base cannot be saved from a sharded "
-                             "run; train tiny models without FSDP / ZeRO-3, or from a base saved to disk")
-        model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(str(path), state_dict=state_dict)
+    if hasattr(model, "peft_config") and (merged or not _base_is_loadable(model)):
+        unwrap_vlm(model).save_pretrained(str(path), state_dict=fold_lora(model, state_dict))
+    else:
+        model.save_pretrained(str(path), state_dict=state_dict)
     inputs.save_pretrained(path)
     return path
