@@ -12,6 +12,7 @@ keep working.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -174,7 +175,7 @@ def _candidate_states(
             input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_pos, use_cache=True,
             **hs,
         )
-        cache = getattr(out, "past_key_values", None)
+        cache = cache_of(out)
         if cache is not None and hasattr(cache, "batch_select_indices") and cache.get_seq_length() > 0:
             prompt_last = out.last_hidden_state[:, -1]
             prompt_layers = _layer_stack(out, layers, slice(-1, None))
@@ -185,8 +186,8 @@ def _candidate_states(
                 input_ids=comp_ids,
                 attention_mask=torch.cat([prompt_mask[ex_idx], comp_mask], dim=1),
                 position_ids=comp_pos,
-                past_key_values=cache,
                 use_cache=True,
+                **{cache_kwarg(parts.decoder): cache},
                 **hs,
             )
             layer_states = None
@@ -204,6 +205,20 @@ def _candidate_states(
         **hs,
     )
     return out.last_hidden_state[:, P - 1 :], comp_ids, comp_mask, _layer_stack(out, layers, slice(P - 1, None))
+
+
+def cache_kwarg(decoder: nn.Module) -> str:
+    """The decoder's KV-cache argument: transformers 5.x names it ``cache``; passing ``past_key_values`` there
+    still works but emits a FutureWarning (removal announced for 5.40) on every call. Older decoders: the old name."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+def cache_of(out) -> object | None:
+    """The KV cache of a decoder output: ``out.cache`` in transformers 5.x (reading ``out.past_key_values`` there
+    logs the deprecation warning), ``past_key_values`` before."""
+    if "cache" in getattr(out, "__dataclass_fields__", {}):
+        return out.cache
+    return getattr(out, "past_key_values", None)
 
 
 def _layer_stack(out, layers: bool, cols: slice) -> Tensor | None:

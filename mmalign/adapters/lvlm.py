@@ -29,7 +29,6 @@ Log-probs are formed only at completion positions, in fp32, chunk by chunk (``ca
 
 from __future__ import annotations
 
-import inspect
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +41,7 @@ from ..data.batches import EncoderCache, TextBatch, VisionTextBatch
 from ..hashing import tensor_hash
 from ..models.lvlm import PatchLVLM, unwrap_lvlm
 from ..types import Scores
-from .candidate_states import _cache_disabled, _logit_transform, _validate_and_select
+from .candidate_states import _cache_disabled, _logit_transform, _validate_and_select, cache_kwarg, cache_of
 from .causal_lm import _chunked_target_logps
 
 
@@ -194,25 +193,20 @@ def shared_prompt_states(decoder: nn.Module, embed: nn.Module, prompt_embeds: Te
     if share_prompt:
         out = decoder(inputs_embeds=prompt_embeds, attention_mask=prompt_mask, position_ids=prompt_pos,
                       use_cache=True)
-        cache = out.get("cache") if "cache" in out else getattr(out, "past_key_values", None)
+        cache = cache_of(out)
         if cache is not None and hasattr(cache, "batch_select_indices") and cache.get_seq_length() > 0:
             prompt_last = out.last_hidden_state[:, -1]
             if ex_idx.shape[0] != prompt_embeds.shape[0] or not torch.equal(ex_idx, torch.arange(
                     prompt_embeds.shape[0], device=ex_idx.device)):
                 cache.batch_select_indices(ex_idx)  # one cache row per candidate; the gather keeps the graph
             out = decoder(input_ids=comp_ids, attention_mask=torch.cat([prompt_mask[ex_idx], comp_mask], 1),
-                          position_ids=comp_pos, use_cache=True, **{_cache_kwarg(decoder): cache})
+                          position_ids=comp_pos, use_cache=True, **{cache_kwarg(decoder): cache})
             return torch.cat([prompt_last[ex_idx, None], out.last_hidden_state], 1)
     P = prompt_embeds.shape[1]
     out = decoder(inputs_embeds=torch.cat([prompt_embeds[ex_idx], embed(comp_ids)], 1),
                   attention_mask=torch.cat([prompt_mask[ex_idx], comp_mask], 1),
                   position_ids=torch.cat([prompt_pos.index_select(-2, ex_idx), comp_pos], -1), use_cache=False)
     return out.last_hidden_state[:, P - 1:]
-
-
-def _cache_kwarg(decoder: nn.Module) -> str:
-    """transformers >= 5.x names the KV-cache argument ``cache`` (``past_key_values`` before)."""
-    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
 def score_candidates(model: nn.Module, batch: VisionTextBatch, *, share_prompt: bool = True,

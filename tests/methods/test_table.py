@@ -13,7 +13,8 @@ from mmalign.adapters.family import NEEDS, ModelFamily
 from mmalign.config import ConfigError
 from mmalign.methods.table import ALIASES, METHODS, Method, check_loss_kwargs, get_method, refusal, valid_names
 
-FORMATS = {"pairs", "unpaired", "ranked", "sft", "prompts", "captions", "videos"}  # videos: AVP-RPO generates its own candidates
+# "videos": rows of videos only (AVP-RPO generates and ranks its own candidates)
+FORMATS = {"pairs", "unpaired", "ranked", "sft", "prompts", "captions", "videos"}
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
