@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import inspect
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import typer
@@ -22,7 +26,8 @@ def train(
     ctx: typer.Context,
     config: str = typer.Argument(None, help="YAML config file (configs/...)"),
     help_config: bool = typer.Option(False, "--help-config", help="print every config key and exit"),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="log INFO messages (data counts, reference and "
+                                 "checkpoint steps, PRIOR's phases) to stderr; default: warnings only"),
     dry_run: bool = typer.Option(False, "--dry-run", help="check the config and data, print the plan (stages, "
                                  "steps, data counts, output, memory); train and write nothing"),
 ) -> None:
@@ -32,7 +37,7 @@ def train(
     from ..schema import TrainConfig
 
     if help_config:
-        typer.echo(describe(TrainConfig))
+        typer.echo(plain_text(describe(TrainConfig)) + "\n\n" + options_help())
         raise typer.Exit()
     _setup_logging(verbose)
     overrides = list(ctx.args)
@@ -53,11 +58,84 @@ def train(
     except (ConfigError, DataError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
-    typer.echo(json.dumps(summary, indent=1, default=str))
+    if is_main_process():  # under DDP every rank returns the summary; one copy on the console
+        typer.echo(json.dumps(summary, indent=1, default=str))
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():  # a launcher waits on un-destroyed groups at exit
         dist.destroy_process_group()
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a distributed launch (torchrun / accelerate set RANK, LOCAL_RANK), or a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
+    return rank.strip() in ("", "0")
+
+
+# reST of docstrings -> plain text for --help (typer shows docstrings verbatim): roles keep their target (``~``:
+# its last component), ``literal`` loses the backquotes; an indented paragraph (a reST literal block) gets click's
+# "\b" marker so that its lines are not re-wrapped.
+_ROLE = re.compile(r":(?:func|class|mod|data|meth|attr|obj|exc|ref|const):`(~?)([^`]+)`")
+_LITERAL = re.compile(r"``([^`]+)``")
+
+
+def plain_text(text: str | None) -> str:
+    """``text`` with its reST markup (roles, double-backquoted literals, literal blocks) made plain for a terminal."""
+    if not text:
+        return ""
+    text = _ROLE.sub(lambda m: m.group(2).rpartition(".")[2] if m.group(1) else m.group(2), text)
+    text = _LITERAL.sub(r"\1", inspect.cleandoc(text))
+    paras = text.split("\n\n")
+    return "\n\n".join("\b\n" + p if p.startswith((" ", "\t")) and "\b" not in p else p for p in paras)
+
+
+def options_help() -> str:
+    """``--help-config``'s ``options:`` section: the keys of every recipe's typed options (the dataclass documented
+    as ``options:`` in the module of a METHODS row's ``recipe``, and the token-level rows' ``TokenOptions``), each
+    with its type, default and the comment beside it in the source."""
+    from ..adapters.sparse_masks import TokenOptions
+    from ..config import describe
+    from ..methods.table import METHODS
+
+    users: dict[type, list[str]] = {}
+    missing: list[str] = []
+    for m in METHODS.values():
+        schemas = [TokenOptions] if m.token_kl else []
+        if m.recipe:
+            try:
+                mod = importlib.import_module(m.recipe.partition(":")[0])
+            except ImportError as err:  # a family whose extra is missing: say so instead of failing the listing
+                missing.append(f"loss.name={m.name}: its options are not listed ({err})")
+                continue
+            schemas += [c for c in vars(mod).values() if isinstance(c, type) and dataclasses.is_dataclass(c)
+                        and c.__module__ == mod.__name__ and "``options:``" in (c.__doc__ or "")]
+        for schema in schemas:
+            users.setdefault(schema, []).append(m.name)
+    lines = ["options.* by loss.name (recipe options; unknown keys and bad values are refused at config load):"]
+    for schema, names in users.items():
+        lines.append(f"loss.name={' | '.join(names)} ({schema.__module__}.{schema.__name__})")
+        notes = _field_notes(schema)
+        for line in describe(schema).splitlines():
+            lines.append(f"options.{line}")
+            if (name := line.partition(":")[0]) in notes:
+                lines.append(f"    {notes[name]}")
+    return plain_text("\n".join(lines + missing))
+
+
+def _field_notes(schema: type) -> dict[str, str]:
+    """Field name -> its comment in the class body (``name: T = v  # why``) or its line in ``Attributes:``."""
+    notes = {k: " ".join(v.split()) for k, v in re.findall(r"^ {8}(\w+): (.+(?:\n {12}.+)*)", schema.__doc__ or "",
+                                                           flags=re.M)}
+    try:
+        src = inspect.getsource(schema)
+    except (OSError, TypeError):
+        return notes
+    notes.update(re.findall(r"^ {4}(\w+):[^#\n]*#\s*(.+)$", src, flags=re.M))
+    return notes
 
 
 def format_plan(p: dict) -> str:

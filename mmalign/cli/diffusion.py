@@ -81,7 +81,7 @@ def sample_diffusion(
         if negative is not None:
             settings.append(SD.Setting(f"npo w={w:g} a={alpha:g} b={beta:g}", w, negative=negative, kwargs=extra))
     images = SD.sample_settings(pipe, settings, prompts, list(seeds), num_inference_steps=steps)
-    rows, labels = SD.grid_rows(images)
+    rows, labels = SD.grid_rows(images, prompts)
     path = SD.save_grid(rows, out, row_labels=labels, col_labels=[f"seed {s}" for s in seeds],
                         title=f"{model} ({sampler}, {steps} steps)")
     meta = {"model": model, "base": str(SD.base_pipeline_dir(base or model)), "npo": npo, "alpha": alpha,

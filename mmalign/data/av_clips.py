@@ -33,7 +33,7 @@ from ..types import CandidateBatch
 from .audio import read_audio
 from .av_media import AVMedia, frame_indices, stream_times
 from .row_files import DataError, load_rows
-from .video import video_info
+from .video import read_frames, video_info
 
 __all__ = ["AVBatch", "AVCollator", "AVDataset", "AVOptions", "AVRecord", "clip_starts", "load_av_records"]
 
@@ -163,6 +163,10 @@ def _record(row: dict, file: str, number: int, media: AVMedia, opts: AVOptions, 
                             f"(relative paths start at {base}; set av.media_root to change that) or drop the row")
     try:
         info = video_info(video)
+        if opts.check_media and info.num_frames > 0:
+            # The header's frame count is a promise: a truncated download keeps its index but lost the frames at
+            # the end, which would fail only mid-training. Decoding the last frame checks it at load.
+            read_frames(video, [info.num_frames - 1])
     except DataError as e:
         raise DataError(f"{file}:{number}: {e} [bad_video]") from e
     if info.num_frames < 1 or not info.fps > 0:
@@ -238,8 +242,6 @@ class AVDataset(torch.utils.data.Dataset):
     def read(self, rec: AVRecord, starts: list[float], audio_starts: list[float] | None = None) -> dict:
         """Slow/fast frames and mel of the clips at ``starts`` (audio windows at ``audio_starts``, default the
         same: a shifted window gives a misaligned pair, as the offset evaluation uses)."""
-        from .video import read_frames
-
         m = self.media
         slow_t = [stream_times(s, m.clip_seconds, m.slow_fps, m.num_slow) for s in starts]
         fast_t = [stream_times(s, m.clip_seconds, m.fast_fps, m.num_fast) for s in starts]

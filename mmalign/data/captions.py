@@ -32,6 +32,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .batches import TextBatch
+from .image import to_rgb
 from .rows import SKIP_HINT, DataError, RowProblem, SFTRow, load_rows, short_repr
 from .text import EncodedExample, TextEncoder, collate
 
@@ -81,7 +82,11 @@ def _resolve_image(value: Any, file: str, root: str | None, verify: bool) -> Any
     if verify:
         try:
             with Image.open(path) as im:
-                im.verify()
+                # A full decode, not ``im.verify()``: verify checks PNG chunk CRCs but nothing of a JPEG, so a
+                # truncated JPEG passed and failed mid-training. ``draft`` lets a JPEG decode at 1/8 scale (it
+                # still reads every byte, so truncation is found) to keep the check cheap.
+                im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+                im.load()
         except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
             return ("bad_image", f"is not a readable image ({type(e).__name__}: {e})",
                     "replace the file with a valid PNG/JPEG or remove the row")
@@ -163,10 +168,10 @@ def load_image(example: CaptionExample):
 
     try:
         if isinstance(example.image, Image.Image):
-            return example.image.convert("RGB")
+            return to_rgb(example.image)
         src = io.BytesIO(example.image) if isinstance(example.image, bytes) else example.image
         with Image.open(src) as im:
-            return im.convert("RGB")
+            return to_rgb(im)
     except Exception as e:
         file, row = example.origin
         raise DataError(f"{file}:{row}: field 'image' ({short_repr(str(example.image))}) cannot be decoded "

@@ -112,7 +112,24 @@ class ImageRef:
         v = self.value()
         img = v if isinstance(v, Image.Image) else Image.open(io.BytesIO(self.raw_bytes()))
         img.load()
-        return img.convert("RGB")
+        return to_rgb(img)
+
+
+_WIDE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(img):
+    """``img`` as an 8-bit RGB ``PIL.Image``. 16-bit greyscale (PNG/TIFF open as ``I;16`` or ``I``) is scaled
+    to 8 bits (÷257): PIL's own ``convert("RGB")`` clips such values at 255, turning a mid-grey 16-bit image
+    white without a word. Other modes (palette, CMYK, alpha, 1-bit, ...) use PIL's conversion."""
+    from PIL import Image
+
+    if img.mode in _WIDE_MODES:
+        import numpy as np
+
+        grey = np.asarray(img, dtype=np.float64) / 257.0  # 0..65535 → 0..255
+        img = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), mode="L")
+    return img.convert("RGB")
 
 
 @dataclass

@@ -40,6 +40,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .batches import ImageTextBatch
+from .image import to_rgb
 from .rows import MAX_REPORTED, SKIP_HINT, DataError, RowProblem, load_rows
 from .zeroshot_names import pair_classnames
 
@@ -119,7 +120,7 @@ def _captions(value: Any) -> list[str] | None:
 def _check_decode(path: str) -> str | None:
     try:
         with Image.open(path) as im:
-            im.convert("RGB")
+            to_rgb(im)
         return None
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ... on corrupt files
         return f"{type(e).__name__}: {e}"
@@ -328,9 +329,9 @@ def open_image(record: ImageTextRecord, tables: list[Any]) -> Image.Image:
             import io
 
             value = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
-        return value.convert("RGB")
+        return to_rgb(value)
     with Image.open(record.image) as im:
-        return im.convert("RGB")
+        return to_rgb(im)
 
 
 class ImageTextDataset(Dataset):

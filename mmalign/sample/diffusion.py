@@ -266,14 +266,20 @@ def save_grid(
     return path
 
 
-def grid_rows(images: dict[str, Tensor], *, max_cols: int | None = None) -> tuple[Tensor, list[str]]:
-    """Stack ``{setting: [P, S, ...]}`` into ``[P·settings, S, ...]`` rows labelled ``"<setting> | p<i>"``."""
+def grid_rows(images: dict[str, Tensor], prompts: Sequence[str] | None = None, *, max_cols: int | None = None,
+              label_width: int = 40) -> tuple[Tensor, list[str]]:
+    """Stack ``{setting: [P, S, ...]}`` into ``[P·settings, S, ...]`` rows labelled ``"<prompt> | <setting>"`` (the
+    prompt cut to ``label_width`` characters; ``p<i>`` only when no prompts are given), as the eval grids are."""
     rows, labels = [], []
     n_prompts = next(iter(images.values())).shape[0]
+    if prompts is not None and len(prompts) != n_prompts:
+        raise ValueError(f"{len(prompts)} prompts for {n_prompts} rows of images: give one prompt per row")
     for p in range(n_prompts):
+        text = f"p{p}" if prompts is None else str(prompts[p])
+        text = text if len(text) <= label_width else text[:label_width - 3] + "..."
         for name, imgs in images.items():
             rows.append(imgs[p, :max_cols] if max_cols else imgs[p])
-            labels.append(f"{name} | p{p}")
+            labels.append(f"{text} | {name}")
     return torch.stack(rows), labels
 
 

@@ -12,12 +12,14 @@ states and registered objects (the loop state, moving references) are saved thro
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import traceback
 from pathlib import Path
 
 import torch
@@ -49,7 +51,17 @@ def describe_os_error(err: BaseException) -> str:
     if code:
         return os.strerror(code)
     text = str(err)
-    return "No space left on device" if "No space left" in text else (text or type(err).__name__)
+    if "No space left" in text:
+        return "No space left on device"
+    if any(s in text for s in _SHORT_WRITE):
+        # torch.save's zip writer reports a full disk only as a short write ("[enforce fail at
+        # inline_container.cc] . unexpected pos N vs M"), which names neither the disk nor the cause.
+        return (f"No space left on device (most likely: the writer stopped short, {' '.join(text.split())[:160]}; "
+                "a disk quota or a file-size limit does the same)")
+    return text or type(err).__name__
+
+
+_SHORT_WRITE = ("unexpected pos", "failed writing")
 
 
 def is_write_failure(err: BaseException) -> bool:
@@ -58,6 +70,18 @@ def is_write_failure(err: BaseException) -> bool:
     text = str(err)
     return isinstance(err, OSError) or any(s in text for s in ("No space left", "unexpected pos", "failed writing",
                                                               "Read-only file system", "Permission denied"))
+
+
+def release_files(err: BaseException) -> None:
+    """Close what a failed write left open. torch.save's zip writer stays referenced from the frames of the
+    exception's traceback with its file open, so a removed partial file kept its disk space for as long as the
+    error lived (a notebook that catches it, frees space and trains again would find the space still taken)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:  # the writer's own error is the context of the one raised
+        seen.add(id(err))
+        traceback.clear_frames(err.__traceback__)
+        err = err.__cause__ or err.__context__
+    gc.collect()  # the writer may sit in a reference cycle
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -275,6 +299,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict,
     except Exception as err:
         if not is_write_failure(err):
             raise
+        release_files(err)
         shutil.rmtree(tmp, ignore_errors=True)
         failure = err
     if failure is None and accelerator.is_main_process:

@@ -141,5 +141,12 @@ def _progress(run: Run, stage: Stage):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=stage.n_steps, initial=run.state.step_in_stage, desc=f"train[{stage.config.name}]",
+    return tqdm(total=stage.n_steps, initial=run.state.step_in_stage, desc=progress_label(run.cfg, stage.config),
                 dynamic_ncols=True)
+
+
+def progress_label(cfg: TrainConfig, stage: StageConfig) -> str:
+    """``modality/loss[stage]``: a run that trains another first (PRIOR's text-only reference LM, then PRIOR
+    itself) shows two bars told apart by it (``text/sft[main]``, then ``prior/prior[main]``)."""
+    loss = (stage.loss or {}).get("name") or cfg.loss.name
+    return f"{cfg.modality}/{loss}[{stage.name}]"
