@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from . import extras
 from .registry import MODALITIES, resolve
 
 # The values of ``modality:``, one per row of the registry (Literal of a tuple = Literal of its items).
@@ -297,6 +298,9 @@ class RunConfig:
         bad = sorted(set(self.report_to) - {"jsonl", "tensorboard", "wandb"})
         if bad:
             errs.append(f"report_to has {bad}; allowed: ['jsonl', 'tensorboard', 'wandb']")
+        elif "wandb" in self.report_to and extras.missing_modules("wandb"):
+            errs.append("report_to includes wandb, which is not installed; fix: pip install 'mmalign[wandb]' (and "
+                        "wandb login), or drop it from report_to")
         if self.overwrite and self.resume not in ("auto", "force", "never"):
             errs.append(f"overwrite=true starts over, resume={self.resume!r} resumes a checkpoint: set one of them")
         if self.max_steps is not None and self.max_steps < 1:

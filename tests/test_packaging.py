@@ -135,3 +135,15 @@ def test_wheel_metadata_lists_the_extras(tmp_path):
     assert provided == set(PYPROJECT["project"]["optional-dependencies"])
     assert "Requires-Dist: diffusers>=0.31; extra == \"diffusion\"" in meta
     assert not re.search(r"^Requires-Dist: diffusers[^;]*$", meta, flags=re.M), "diffusers must be an extra only"
+
+
+def test_wandb_without_its_extra_is_a_config_error(monkeypatch):
+    from mmalign import extras
+    from mmalign.api import load_train_config
+    from mmalign.config import ConfigError
+
+    real = extras.missing_modules
+    monkeypatch.setattr(extras, "missing_modules", lambda e: ["wandb"] if e == "wandb" else real(e))
+    with pytest.raises(ConfigError, match=r"report_to includes wandb, which is not installed; fix: pip install "
+                                          r"'mmalign\[wandb\]'"):
+        load_train_config(ROOT / "configs/text/tiny_dpo.yaml", ["run.report_to=[jsonl, wandb]"])

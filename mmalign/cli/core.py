@@ -56,7 +56,8 @@ def train(
     try:
         summary = api_train(config, overrides)
     except (ConfigError, DataError) as err:
-        typer.echo(f"error: {err}", err=True)
+        if is_main_process():  # every rank finds the same problem; one copy on the console, every rank exits 2
+            typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
     if is_main_process():  # under DDP every rank returns the summary; one copy on the console
         typer.echo(json.dumps(summary, indent=1, default=str))

@@ -42,6 +42,7 @@ from torch.utils.data import Dataset
 
 from .batches import VisionTextBatch
 from .captions import _resolve_image
+from .image import to_rgb
 from .rows import SKIP_HINT, DataError, RowProblem, load_rows, parse_rows, short_repr
 from .text import EncodedExample, TextEncoder, collate
 
@@ -266,9 +267,9 @@ def open_image(image: Any, origin: tuple[str, int]):
 
     try:
         if isinstance(image, Image.Image):
-            return image.convert("RGB")
+            return to_rgb(image)
         with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as im:
-            return im.convert("RGB")
+            return to_rgb(im)  # 16-bit greyscale scaled, not clipped white by convert("RGB")
     except Exception as e:  # PIL raises many types
         file, row = origin
         raise DataError(f"{file}:{row}: field 'images' ({short_repr(str(image))}) cannot be decoded "

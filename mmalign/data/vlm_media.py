@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from .image import to_rgb
 from .rows import DataError
 from .video import BACKENDS, read_frames, video_info
 
@@ -264,7 +265,7 @@ class MediaLoader:
         self._check_file(path, value, field, "image")
         try:
             with Image.open(path) as im:
-                image = im.convert("RGB")  # forces the full decode: a truncated file fails here
+                image = to_rgb(im)  # forces the full decode (a truncated file fails here); 16-bit scaled
         except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, DecompressionBombError...
             raise BadRow("bad_image", field, value, f"points to {str(path)!r}, which is not a readable image "
                          f"({type(e).__name__}: {str(e)[:120]})", "replace it with a valid PNG/JPEG or remove the "

@@ -52,7 +52,8 @@ class MetricsLogger:
 
                 self._wandb = wandb.init(project="mmalign", dir=str(output_dir), config=config or {})
             except ImportError:
-                raise ImportError("report_to includes wandb but wandb is not installed: pip install wandb") from None
+                raise ImportError("report_to includes wandb but wandb is not installed: pip install 'mmalign[wandb]'") \
+                    from None
         self._jsonl = "jsonl" in report_to
 
     def log(self, step: int, metrics: dict, **fields) -> dict:
