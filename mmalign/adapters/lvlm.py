@@ -232,11 +232,21 @@ def score_candidates(model: nn.Module, batch: VisionTextBatch, *, share_prompt: 
         shape = None if batch.pixel_values is None else tuple(batch.pixel_values.shape)
         raise ValueError(f"score_candidates: pixel_values {shape} must be [B={batch.prompt_ids.shape[0]}, C, H, W] "
                          "(one image per example)")
+    return scores_from_states(parts, batch, _candidate_states, share_prompt=share_prompt, chunk_size=chunk_size,
+                              return_token_logps=return_token_logps)
+
+
+def scores_from_states(parts, batch, candidate_states, *, share_prompt: bool, chunk_size: int,
+                       return_token_logps: bool) -> Scores:
+    """Scores of a vision batch's real candidates (padding candidates score 0) from ``candidate_states(parts,
+    batch, rows, ex_idx, share_prompt) -> (hidden states, completion ids, completion mask)``: per-token log-probs
+    through the chunked LM head (never ``[B, T, V]`` logits). Shared by the LVLM and VLM families, whose media and
+    prompt passes differ but whose completion scoring is the same."""
     rows, ex_idx, token_mask = _validate_and_select(batch)
     B, K, C = batch.completion_ids.shape
     flat = torch.zeros(B * K, C, dtype=torch.float32, device=batch.completion_ids.device)
     if rows.numel() > 0:
-        states, comp_ids, comp_mask = _candidate_states(parts, batch, rows, ex_idx, share_prompt)
+        states, comp_ids, comp_mask = candidate_states(parts, batch, rows, ex_idx, share_prompt)
         sel = comp_mask.bool()
         picked = _chunked_target_logps(states[:, :-1][sel], comp_ids[sel], parts.lm_head, parts.logit_transform,
                                        chunk_size)

@@ -46,8 +46,7 @@ from ..hashing import tensor_hash
 from ..models.vlm import QWEN, arch_of, unwrap_vlm
 from ..types import CandidateBatch, Scores
 from .candidate_states import _cache_disabled, _logit_transform, _validate_and_select
-from .causal_lm import _chunked_target_logps
-from .lvlm import _shareable, encoder_fingerprint, shared_prompt_states
+from .lvlm import _shareable, encoder_fingerprint, scores_from_states, shared_prompt_states
 
 __all__ = ["VLMBatch", "VLMParts", "collate_media", "encode_media", "score_candidates", "score_candidates_naive",
            "vlm_parts"]
@@ -289,19 +288,8 @@ def score_candidates(model: nn.Module, batch: VLMBatch, *, share_prompt: bool = 
         raise ValueError(f"VLMBatch: media has {len(batch.media)} entries for {batch.batch_size} examples (one dict "
                          "per example, empty for a text-only prompt)")
     parts = vlm_parts(model)
-    rows, ex_idx, token_mask = _validate_and_select(batch)
-    B, K, C = batch.completion_ids.shape
-    flat = torch.zeros(B * K, C, dtype=torch.float32, device=batch.completion_ids.device)
-    if rows.numel() > 0:
-        states, comp_ids, comp_mask = _candidate_states(parts, batch, rows, ex_idx, share_prompt)
-        sel = comp_mask.bool()
-        picked = _chunked_target_logps(states[:, :-1][sel], comp_ids[sel], parts.lm_head, parts.logit_transform,
-                                       chunk_size)
-        row_tokens = torch.zeros(comp_ids.shape, dtype=torch.float32, device=flat.device).masked_scatter(sel, picked)
-        flat = flat.index_copy(0, rows, F.pad(row_tokens, (0, C - row_tokens.shape[1])))
-    token_logps = flat.view(B, K, C)
-    return Scores(logps=token_logps.sum(-1), token_logps=token_logps if return_token_logps else None,
-                  token_mask=token_mask, lengths=token_mask.sum(-1))
+    return scores_from_states(parts, batch, _candidate_states, share_prompt=share_prompt, chunk_size=chunk_size,
+                              return_token_logps=return_token_logps)
 
 
 def score_candidates_naive(model: nn.Module, batch: VLMBatch) -> Scores:
