@@ -93,6 +93,7 @@ _ROWS = [
         "and PRIOR token-weighted caption training",
         "mmalign.methods.lvlm:LVLMTask", extras=("vision",),
         section="prior", section_schema="mmalign.schema_clip:PriorConfig",
+        commands={"sample prior": "mmalign.cli.lvlm:sample_prior"},
         demos={"prior": "mmalign.demos.prior:run"},
         needs_train_fn=True,
     ),

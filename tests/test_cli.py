@@ -28,6 +28,8 @@ EXPECTED = {
     "sample diffusion": ["--model", "--base", "--npo", "--alpha", "--beta", "--prompt", "--prompts-file", "--seeds",
                          "--guidance-scale", "--negative-prompt", "--steps", "--sampler", "--dtype", "--device",
                          "--save-offset", "--out"],
+    "sample prior": ["--model", "--reference", "--image", "--images-file", "--prompt", "--max-new-tokens",
+                     "--temperature", "--seed", "--out"],
     "sample vlm": ["--model", "--reference", "--data", "--image", "--video", "--prompt", "--limit", "--max-new-tokens",
                    "--temperature", "--seed", "--fps", "--max-frames", "--max-pixels", "--media-root", "--device",
                    "--out"],
